@@ -1,0 +1,126 @@
+"""A loopback HTTP server that serves a table of routes, with fault modes.
+
+Used by `curate demo` to serve its synthetic web and by the tests to exercise the
+fetcher against real HTTP. It only ever binds to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Route:
+    """What the server answers for one path.
+
+    fault modes:
+      - ``fail_times`` / ``fail_status``: the first N requests answer `fail_status`
+        (with `fail_headers`), later ones the normal answer;
+      - ``delay``: seconds to sleep before answering (a timeout when above the client's);
+      - ``truncate_to``: send only this many body bytes while announcing the full length;
+      - ``redirect_to``: answer 302 to that path.
+    """
+
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "image/jpeg"
+    headers: dict[str, str] = field(default_factory=dict)
+    fail_times: int = 0
+    fail_status: int = 500
+    fail_headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    truncate_to: int | None = None
+    redirect_to: str | None = None
+    hits: int = 0
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # noqa: A002 - silence the default stderr log
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server naming
+        path = self.path.split("?", 1)[0]
+        with self.server.lock:
+            route = self.server.routes.get(path)
+            if route is not None:
+                route.hits += 1
+                hit = route.hits
+        if route is None:
+            self._answer(404, b"not found", "text/plain", {})
+            return
+        if route.delay:
+            time.sleep(route.delay)
+        if hit <= route.fail_times:
+            self._answer(route.fail_status, b"temporary failure", "text/plain", route.fail_headers)
+            return
+        if route.redirect_to is not None:
+            self._answer(302, b"", "text/plain", {"Location": route.redirect_to})
+            return
+        self._answer(route.status, route.body, route.content_type, route.headers, route.truncate_to)
+
+    def _answer(self, status, body, content_type, headers, truncate_to=None):
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            if truncate_to is not None:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body if truncate_to is None else body[:truncate_to])
+            self.wfile.flush()
+            if truncate_to is not None:
+                self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class LoopbackServer:
+    """Serve `routes` (path -> Route) on 127.0.0.1 in a background thread.
+
+    Use as a context manager; `url(path)` gives the absolute URL of a path.
+    """
+
+    def __init__(self, routes: dict[str, Route] | None = None, port: int = 0):
+        self._server = _Server(("127.0.0.1", port), _Handler)
+        self._server.routes = dict(routes or {})
+        self._server.lock = threading.Lock()
+        self._thread = threading.Thread(target=self._server.serve_forever, name="curate-loopback", daemon=True)
+
+    @property
+    def routes(self) -> dict[str, Route]:
+        return self._server.routes
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def start(self) -> "LoopbackServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> "LoopbackServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

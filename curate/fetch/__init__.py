@@ -1,0 +1,1 @@
+"""HTTP downloading and image decode / resize / encode."""

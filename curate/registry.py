@@ -1,0 +1,30 @@
+"""Where the engine finds sources, stages and sinks by name.
+
+Adding one is one new module plus one line here. Entries are import strings so
+that naming a component in a recipe imports only that component.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+SOURCES: dict[str, str] = {
+    "url_list": "curate.sources.url_list:UrlListSource",
+}
+
+STAGES: dict[str, str] = {
+    "fetch": "curate.fetch.stage:FetchStage",
+    "basic_filter": "curate.ops.basic_filter:BasicFilter",
+}
+
+SINKS: dict[str, str] = {
+    "parquet": "curate.sinks.parquet:ParquetSink",
+    "webdataset": "curate.sinks.webdataset:WebDatasetSink",
+}
+
+
+def load(table: dict[str, str], name: str) -> Any:
+    """Import and return the class registered under `name` in `table`."""
+    module_name, _, attribute = table[name].partition(":")
+    return getattr(importlib.import_module(module_name), attribute)

@@ -1,0 +1,156 @@
+"""The unified sample schema: one Arrow schema for every kind of sample.
+
+Every stage reads and writes tables of this schema; every sink writes it (or a
+trainer-specific view of it). Field meanings are documented in
+docs/architecture.md. Nothing else in the package defines sample columns.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+KINDS = ("pair", "interleaved", "edit")
+ROLES = ("understanding", "generation", "editing", "interleaved")
+
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+IMAGE_META = pa.struct(
+    [
+        ("url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("sha256", pa.string()),  # of the original bytes as fetched
+        ("format", pa.string()),  # encoding of `images[i].bytes`: jpg / webp / png
+        ("original_format", pa.string()),  # what the host served: JPEG, PNG, GIF, ...
+        ("num_bytes", pa.int64()),  # size of `images[i].bytes`
+        ("original_num_bytes", pa.int64()),
+    ]
+)
+
+SEGMENT = pa.struct([("text", pa.string()), ("image", pa.int32())])
+
+CAPTION = pa.struct([("name", pa.string()), ("text", pa.string())])
+
+SCORES = pa.struct(
+    [
+        ("clip_score", pa.float32()),
+        ("aesthetic", pa.float32()),
+    ]
+)
+
+SOURCE = pa.struct(
+    [
+        ("dataset", pa.string()),
+        ("id", pa.string()),
+        ("url", pa.string()),
+        ("license", pa.string()),
+    ]
+)
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("images", pa.list_(IMAGE)),
+        pa.field("image_meta", pa.list_(IMAGE_META)),
+        pa.field("segments", pa.list_(SEGMENT)),
+        pa.field("captions", pa.list_(CAPTION)),
+        pa.field("scores", SCORES),
+        pa.field("roles", pa.list_(pa.string())),
+        pa.field("source", SOURCE),
+        pa.field("meta", pa.string()),
+    ]
+)
+
+DROP_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+    ]
+)
+
+# Columns a stage may set on a batch to drop rows; the engine moves such rows to
+# the drop log and strips these columns before anything is written.
+DROP_REASON = "drop_reason"
+DROP_DETAIL = "drop_detail"
+
+
+def sample_key(source_id: str, row_index: int, url: str | None) -> str:
+    """A stable 16-hex-digit key for the input row `row_index` of source `source_id`.
+
+    Deterministic for the same input, distinct for a URL listed twice (the row
+    index differs), and free of dots (WebDataset and HF split keys at the first dot).
+    """
+    digest = hashlib.blake2b(
+        f"{source_id}\x1f{row_index}\x1f{url or ''}".encode(), digest_size=8
+    )
+    return digest.hexdigest()
+
+
+def empty_table(schema: pa.Schema = SAMPLE_SCHEMA) -> pa.Table:
+    """An empty table of `schema`."""
+    return schema.empty_table()
+
+
+def conform(table: pa.Table, schema: pa.Schema = SAMPLE_SCHEMA) -> pa.Table:
+    """Return `table` with exactly the columns of `schema`, in order and with its types.
+
+    Missing columns are filled with nulls; extra columns are an error (a stage that
+    needs a new column adds it here, in the one schema).
+    """
+    extra = set(table.column_names) - set(schema.names)
+    if extra:
+        raise ValueError(f"columns not in the sample schema: {sorted(extra)}")
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def from_rows(rows: Iterable[dict[str, Any]], schema: pa.Schema = SAMPLE_SCHEMA) -> pa.Table:
+    """Build a table of `schema` from python dicts (missing fields become null)."""
+    return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+def caption_text(captions: list[dict] | None, prefer: Iterable[str] = ("alt",)) -> str | None:
+    """The caption to use for a sample: the first of `prefer` present, else the first one."""
+    if not captions:
+        return None
+    by_name = {c["name"]: c["text"] for c in captions}
+    for name in prefer:
+        if by_name.get(name) is not None:
+            return by_name[name]
+    return captions[0]["text"]
+
+
+@functools.lru_cache(maxsize=1)
+def hf_features_metadata() -> bytes:
+    """The `huggingface` schema metadata that makes `datasets` read `images` as Image features."""
+    import datasets  # heavy import, only needed when writing Parquet
+
+    features = datasets.Features.from_arrow_schema(SAMPLE_SCHEMA)
+    features["images"] = datasets.List(datasets.Image())
+    return json.dumps({"info": {"features": features.to_dict()}}, sort_keys=True).encode()
+
+
+def parquet_schema() -> pa.Schema:
+    """SAMPLE_SCHEMA with the Hugging Face features metadata attached."""
+    return SAMPLE_SCHEMA.with_metadata({b"huggingface": hf_features_metadata()})
+
+
+def describe() -> list[dict[str, str]]:
+    """The schema as a list of {name, type} for the manifest."""
+    return [{"name": f.name, "type": str(f.type)} for f in SAMPLE_SCHEMA]

@@ -1,0 +1,1 @@
+"""Writers of output shards (Parquet, WebDataset) and exporters to trainer formats."""

@@ -1,0 +1,1 @@
+"""Readers of input: URL lists now; image folders, shards, HF datasets, MMC4, WARC, edits later."""

@@ -1,0 +1,38 @@
+"""The source contract: stream input as unified-sample tables, in a fixed order."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterator
+
+import pyarrow as pa
+
+from curate.stage import Params
+
+
+class Source:
+    """Reads a dataset's input rows and yields them as SAMPLE_SCHEMA tables.
+
+    `iter_batches` must use bounded memory (read by row group / chunk), yield rows
+    in the same order on every call, and give each row a key from
+    `curate.schema.sample_key(source_id, row_index, url)`. Rows that cannot be
+    turned into samples (no URL, bad JSON line) are yielded too, with a
+    `drop_reason` column set, so that every input row is accounted for.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, params: Params, recipe_dir: str = "."):
+        self.params = params
+        self.recipe_dir = recipe_dir
+
+    def preflight(self) -> None:
+        """Check the input exists and has the configured columns; raise RecipeError if not."""
+
+    def iter_batches(self, batch_rows: int) -> Iterator[pa.Table]:
+        """Yield SAMPLE_SCHEMA tables (+ optional drop_reason/drop_detail) of at most `batch_rows` rows."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about this source (type, path, format, columns)."""
+        return {"type": self.name, "params": self.params.model_dump(mode="json")}

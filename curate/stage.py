@@ -1,0 +1,121 @@
+"""The one stage contract every step of a pipeline follows.
+
+A stage is a small class with a `name`, a pydantic `Params` model (unknown keys
+rejected), declared `resources`, `preflight()` (cheap checks at plan time, before
+any work: files and model weights exist), `setup()` (load heavy things once per
+worker) and `process(batch) -> batch`.
+
+A batch is an Arrow table of unified samples (curate.schema.SAMPLE_SCHEMA). A
+stage fills its columns and may add a `drop_reason` column (null = keep) with an
+optional `drop_detail`; the engine moves dropped rows to the drop log, so a stage
+only ever sees live rows. A sample-level failure is a drop with a reason; an
+exception escaping `process` is a stage-level failure and stops the run, naming
+the work shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from curate.schema import DROP_DETAIL, DROP_REASON
+
+
+class Params(BaseModel):
+    """Base of every stage/source/sink parameter model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage asks the cluster for."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_bytes: int = 0
+
+
+class RecipeError(Exception):
+    """A user mistake in a recipe or its inputs, reported as one clear line.
+
+    `path` is the key path in the recipe (e.g. ``source.url_column``), `file` the
+    recipe or input file concerned.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, file: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.path = path
+        self.file = file
+
+    def __str__(self) -> str:
+        where = ": ".join(p for p in (self.file, self.path) if p)
+        return f"{where}: {self.message}" if where else self.message
+
+
+@dataclass
+class StageContext:
+    """What the engine tells a stage about the run it is part of."""
+
+    recipe_dir: str = "."
+    work_dir: str = ""
+    on_sample_error: Literal["drop", "raise"] = "drop"
+    device: str = "cpu"
+
+
+class Stage:
+    """Base class of per-sample stages. Subclasses set the class attributes and `process`."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]] = Params
+    # Consecutive stages of the same phase run together on a work shard and share
+    # one checkpoint; a new phase starts a new checkpoint.
+    phase: ClassVar[str] = "prepare"
+    resources: ClassVar[Resources] = Resources()
+
+    def __init__(self, params: Params, context: StageContext | None = None):
+        self.params = params
+        self.context = context or StageContext()
+
+    def preflight(self) -> None:
+        """Check, before any work, that what the stage needs exists. Raise RecipeError if not."""
+
+    def setup(self) -> None:
+        """Load heavy things (models, sessions) once per worker."""
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Return `batch` with this stage's columns filled and, optionally, `drop_reason` set."""
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Release what `setup` acquired."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about this stage's configuration."""
+        return {"name": self.name, "phase": self.phase, "params": self.params.model_dump(mode="json")}
+
+
+def with_drops(batch: pa.Table, reasons: list[str | None], details: list[str | None] | None = None) -> pa.Table:
+    """Attach per-row drop reasons (None = keep) and details to `batch`.
+
+    A reason already set on a row (by an earlier check of the same stage) wins.
+    """
+    if len(reasons) != batch.num_rows:
+        raise ValueError("one drop reason per row is required")
+    details = list(details) if details is not None else [None] * batch.num_rows
+    reasons = list(reasons)
+    if DROP_REASON in batch.column_names:
+        old_reasons = batch.column(DROP_REASON).to_pylist()
+        old_details = (
+            batch.column(DROP_DETAIL).to_pylist() if DROP_DETAIL in batch.column_names else [None] * batch.num_rows
+        )
+        for i, old in enumerate(old_reasons):
+            if old is not None:
+                reasons[i], details[i] = old, old_details[i]
+        batch = batch.drop_columns([c for c in (DROP_REASON, DROP_DETAIL) if c in batch.column_names])
+    batch = batch.append_column(DROP_REASON, pa.array(reasons, pa.string()))
+    return batch.append_column(DROP_DETAIL, pa.array(details, pa.string()))
