@@ -6,6 +6,7 @@ fetcher against real HTTP. It only ever binds to 127.0.0.1.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,20 +22,26 @@ class Route:
         (with `fail_headers`), later ones the normal answer;
       - ``delay``: seconds to sleep before answering (a timeout when above the client's);
       - ``truncate_to``: send only this many body bytes while announcing the full length;
-      - ``redirect_to``: answer 302 to that path.
+      - ``redirect_to``: answer 302 to that path;
+      - ``chunked``: send the body with chunked transfer encoding (no Content-Length).
+
+    A `headers` value may be a list to send the same header several times.
+    `hits` counts the requests and `request_headers` keeps the headers of each.
     """
 
     body: bytes = b""
     status: int = 200
     content_type: str = "image/jpeg"
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str | list[str]] = field(default_factory=dict)
     fail_times: int = 0
     fail_status: int = 500
     fail_headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     truncate_to: int | None = None
     redirect_to: str | None = None
+    chunked: bool = False
     hits: int = 0
+    request_headers: list[dict[str, str]] = field(default_factory=list)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -50,6 +57,7 @@ class _Handler(BaseHTTPRequestHandler):
             route = self.server.routes.get(path)
             if route is not None:
                 route.hits += 1
+                route.request_headers.append(dict(self.headers.items()))
                 hit = route.hits
         if route is None:
             self._answer(404, b"not found", "text/plain", {})
@@ -62,29 +70,47 @@ class _Handler(BaseHTTPRequestHandler):
         if route.redirect_to is not None:
             self._answer(302, b"", "text/plain", {"Location": route.redirect_to})
             return
-        self._answer(route.status, route.body, route.content_type, route.headers, route.truncate_to)
+        self._answer(route.status, route.body, route.content_type, route.headers, route.truncate_to, route.chunked)
 
-    def _answer(self, status, body, content_type, headers, truncate_to=None):
+    def _answer(self, status, body, content_type, headers, truncate_to=None, chunked=False):
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in headers.items():
-                self.send_header(name, value)
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", str(len(body)))
+            for name, values in headers.items():
+                for value in [values] if isinstance(values, str) else values:
+                    self.send_header(name, value)
             if truncate_to is not None:
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(body if truncate_to is None else body[:truncate_to])
+            if chunked:
+                self._write_chunked(body)
+            else:
+                self.wfile.write(body if truncate_to is None else body[:truncate_to])
             self.wfile.flush()
             if truncate_to is not None:
                 self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
+    def _write_chunked(self, body, chunk_size=16384):
+        for start in range(0, len(body), chunk_size):
+            chunk = body[start : start + chunk_size]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.wfile.write(b"0\r\n\r\n")
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        # A client hanging up early (e.g. refusing an oversized body) is not an error.
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
 
 class LoopbackServer:

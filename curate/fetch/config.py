@@ -18,6 +18,10 @@ class ResizeParams(Params):
     # keep_ratio: scale so that the `side` side equals `size`.
     # center_crop: scale the shortest side to `size`, then crop to size x size.
     # border: fit inside size x size and pad with `border_color`.
+    # none: keep the decoded size.
+    # only_if_bigger: never upscale. An image already within `size` keeps its scale;
+    # center_crop then crops it to a square of its shortest side and border pads it
+    # to a square of its longest side.
     side: Literal["longest", "shortest"] = "longest"
     size: int = Field(1024, ge=8, le=16384)
     only_if_bigger: bool = True

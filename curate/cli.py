@@ -1,0 +1,146 @@
+"""The `curate` command line: run, demo, inspect, verify, recipes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from curate.stage import RecipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Build training corpora for unified multimodal models.")
+console = Console()
+errors = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run_recipe(recipe: str, overrides: list[str], address: Optional[str], dry_run: bool, overwrite: bool,
+                verbose: bool, progress: bool) -> Optional[dict]:
+    from curate.engine.run import compile_plan, execute
+    from curate.engine.worker import StageFailure
+    from curate.recipe import load_recipe
+
+    try:
+        plan = compile_plan(load_recipe(recipe, overrides))
+        if dry_run:
+            console.print_json(json.dumps(plan.describe()))
+            console.print("[green]recipe is valid[/] (dry run: nothing was fetched or written)")
+            return None
+        return execute(plan, console, address=address, verbose=verbose, overwrite=overwrite, progress=progress)
+    except RecipeError as error:
+        _fail(str(error))
+    except StageFailure as error:
+        _fail(f"stage failure: {error}", code=1)
+    return None
+
+
+@app.command()
+def run(
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a bundled recipe."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: dotted.key=value (repeatable)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, "
+                                                                  "else a local Ray)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; do no work."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an output folder of another recipe."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Show Ray's logs."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Run RECIPE: fetch, filter and write shards plus a manifest. A re-run resumes or does nothing."""
+    manifest = _run_recipe(recipe, set_, address, dry_run, overwrite, verbose, progress)
+    if manifest is not None:
+        _summarize(manifest)
+
+
+def _summarize(manifest: dict) -> None:
+    from curate.manifest.inspect import render
+
+    render(manifest, console)
+    output = Path(manifest["recipe"]["resolved"]["output"]["path"]).resolve()
+    console.print(f"\n[bold]output:[/] {output}")
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Where to write the demo corpus."),
+    images: int = typer.Option(240, "--images", help="How many images the synthetic web serves."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Show Ray's logs."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Serve a synthetic web on loopback and run pipelines/demo.yaml over it, offline."""
+    from curate.demo.server import LoopbackServer
+    from curate.demo.web import build_synthetic_web, write_url_list
+
+    web = build_synthetic_web(n_images=images)
+    with tempfile.TemporaryDirectory(prefix="curate-demo-") as folder, LoopbackServer(web.routes) as server:
+        url_list = Path(folder) / "urls.parquet"
+        write_url_list(web, server.base_url, url_list)
+        console.print(f"synthetic web: {len(web.rows)} URLs served at {server.base_url}")
+        manifest = _run_recipe("demo", [f"source.path={url_list}", f"output.path={output.resolve()}"], None,
+                               False, True, verbose, progress)
+    if manifest is not None:
+        _summarize(manifest)
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="An output folder or its manifest.json.")) -> None:
+    """Summarise a manifest: funnel, drops by reason, shards, quantiles."""
+    from curate.manifest.inspect import render
+    from curate.manifest.verify import resolve_manifest
+
+    manifest_path = resolve_manifest(path)
+    if not manifest_path.is_file():
+        _fail(f"no manifest at {manifest_path}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        _fail(f"{manifest_path}: not valid JSON ({error})")
+    render(manifest, console)
+
+
+@app.command()
+def verify(path: Path = typer.Argument(..., help="An output folder or its manifest.json.")) -> None:
+    """Recompute every shard's sha256 and row count against the manifest; exit 1 on any mismatch."""
+    from curate.manifest.verify import verify_output
+
+    report = verify_output(path)
+    for problem in report.problems:
+        errors.print(f"[red]mismatch:[/] {problem}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print(f"[green]ok:[/] {report.checked_files} files, {report.checked_rows:,} rows match the manifest")
+
+
+@app.command()
+def recipes() -> None:
+    """List the bundled recipes, one line each."""
+    import yaml
+
+    from curate.recipe import bundled_recipes
+
+    for file in bundled_recipes():
+        data = yaml.safe_load(file.read_text()) or {}
+        lines = str(data.get("description") or "").strip().splitlines()
+        console.print(f"[bold]{file.stem:<24}[/] {lines[0] if lines else ''}", highlight=False)
+
+
+def main() -> None:
+    """Entry point of the `curate` console script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        errors.print("interrupted; re-run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

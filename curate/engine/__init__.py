@@ -1,0 +1,1 @@
+"""Compiles a recipe into Ray work: plan, phases, checkpoints, output shards, manifest."""

@@ -1,0 +1,103 @@
+"""Run a chain of per-sample stages over one batch, splitting off dropped rows."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate import schema
+from curate.stage import Stage
+
+
+@dataclass
+class StageStats:
+    """Counts of one stage over everything it processed."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def add(self, other: "StageStats") -> None:
+        self.rows_in += other.rows_in
+        self.rows_out += other.rows_out
+        self.dropped.update(other.dropped)
+        self.seconds += other.seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "dropped": dict(sorted(self.dropped.items())),
+            "seconds": round(self.seconds, 3),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StageStats":
+        return cls(data["rows_in"], data["rows_out"], Counter(data["dropped"]), data["seconds"])
+
+
+def first_url(table: pa.Table) -> list[str | None]:
+    """The URL that identifies each row in the drop log: its first image's URL, else the source URL."""
+    metas = table.column("image_meta").to_pylist()
+    sources = table.column("source").to_pylist()
+    urls = []
+    for meta, source in zip(metas, sources):
+        url = meta[0]["url"] if meta else None
+        urls.append(url or (source or {}).get("url"))
+    return urls
+
+
+def split_drops(table: pa.Table, stage_name: str) -> tuple[pa.Table, pa.Table]:
+    """Split `table` into (kept rows in SAMPLE_SCHEMA, drop-log rows in DROP_SCHEMA)."""
+    if schema.DROP_REASON not in table.column_names:
+        return schema.conform(table), schema.empty_table(schema.DROP_SCHEMA)
+    reasons = table.column(schema.DROP_REASON)
+    dropped_mask = pc.is_valid(reasons)
+    details = table.column(schema.DROP_DETAIL) if schema.DROP_DETAIL in table.column_names else pa.nulls(
+        table.num_rows, pa.string())
+    dropped = table.filter(dropped_mask)
+    drops = pa.table(
+        {
+            "key": dropped.column("key"),
+            "url": pa.array(first_url(dropped), pa.string()),
+            "stage": pa.array([stage_name] * dropped.num_rows, pa.string()),
+            "reason": reasons.filter(dropped_mask),
+            "detail": details.filter(dropped_mask),
+        }
+    ).cast(schema.DROP_SCHEMA)
+    kept = table.filter(pc.invert(dropped_mask)).drop_columns(
+        [c for c in (schema.DROP_REASON, schema.DROP_DETAIL) if c in table.column_names]
+    )
+    return schema.conform(kept), drops
+
+
+def apply_stages(stages: list[Stage], batch: pa.Table, stats: dict[str, StageStats]) -> tuple[pa.Table, list[pa.Table]]:
+    """Run `stages` in order over `batch`; return kept rows and the drop-log tables.
+
+    `stats` (stage name -> StageStats) is updated in place.
+    """
+    drop_tables = []
+    for stage in stages:
+        if batch.num_rows == 0:
+            break
+        started = time.perf_counter()
+        result = stage.process(batch)
+        if result.num_rows != batch.num_rows:
+            raise RuntimeError(f"stage {stage.name!r} returned {result.num_rows} rows for {batch.num_rows}; "
+                               "stages must mark drops with drop_reason, not remove rows")
+        kept, drops = split_drops(result, stage.name)
+        entry = stats.setdefault(stage.name, StageStats())
+        entry.rows_in += batch.num_rows
+        entry.rows_out += kept.num_rows
+        entry.dropped.update(drops.column("reason").to_pylist())
+        entry.seconds += time.perf_counter() - started
+        if drops.num_rows:
+            drop_tables.append(drops)
+        batch = kept
+    return batch, drop_tables

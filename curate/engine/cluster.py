@@ -1,0 +1,81 @@
+"""Connecting to Ray (local by default, a cluster by address) and sizing work to it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import ray
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many workers a phase runs and what each asks for."""
+
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float = 0.0
+
+
+def connect(address: str | None = None, verbose: bool = False) -> dict[str, float]:
+    """Start or join Ray; return the cluster's total resources.
+
+    `address` (or RAY_ADDRESS) joins a cluster; otherwise a local Ray starts on
+    this machine. Ray's own logs stay quiet unless `verbose`.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(
+            address=address or os.environ.get("RAY_ADDRESS") or None,
+            include_dashboard=False,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.ERROR,
+            configure_logging=True,
+        )
+    return dict(ray.cluster_resources())
+
+
+def plan_workers(resources: dict[str, float], requested: int | str, shards: int,
+                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> WorkerPlan:
+    """Size a worker pool from the cluster's resources.
+
+    Asks for fractional CPUs so that the pool never takes every CPU: Ray's own
+    tasks and the driver keep a share, and the pool cannot starve them (a pool
+    of N x 1 CPU on an N-CPU machine can hang).
+    """
+    cpus = max(resources.get("CPU", 1.0), 0.1)
+    if requested == "auto":
+        workers = max(1, math.floor(cpus / cpus_per_worker))
+    else:
+        workers = int(requested)
+    if gpus_per_worker:
+        workers = min(workers, max(1, math.floor(resources.get("GPU", 0) / gpus_per_worker)))
+    workers = max(1, min(workers, shards))
+    share = min(cpus_per_worker, cpus * 0.8 / workers)
+    return WorkerPlan(workers=workers, cpus_per_worker=round(max(share, 0.05), 3), gpus_per_worker=gpus_per_worker)
+
+
+def faiss_backend() -> str:
+    """Which FAISS is installed: 'gpu' (faiss-gpu with a visible GPU), 'cpu', or 'missing'.
+
+    faiss-cpu and faiss-gpu install the same `faiss` module, so this is decided at run time.
+    """
+    try:
+        import faiss
+    except ImportError:
+        return "missing"
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    return "gpu" if get_num_gpus is not None and get_num_gpus() > 0 else "cpu"
+
+
+def device_summary(resources: dict[str, float]) -> dict[str, object]:
+    """What the manifest records about where the run executed."""
+    return {
+        "cpus": resources.get("CPU", 0.0),
+        "gpus": resources.get("GPU", 0.0),
+        "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+        "accelerator": "gpu" if resources.get("GPU", 0.0) > 0 else "cpu",
+        "faiss": faiss_backend(),
+    }

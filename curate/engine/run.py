@@ -1,0 +1,216 @@
+"""Run a recipe: plan, split, phases, output shards, drop log, manifest."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from rich.console import Console
+
+from curate import registry, schema
+from curate.engine import cluster
+from curate.engine.apply import StageStats
+from curate.files import RunLayout, atomic_path, read_json, write_json
+from curate.engine.phases import PhaseSpec, run_phase
+from curate.engine.progress import phase_progress
+from curate.engine.split import INPUT_PHASE, SOURCE_STAGE, split_source
+from curate.engine.write import write_outputs
+from curate.manifest.build import build_manifest
+from curate.recipe import LoadedRecipe
+from curate.stage import RecipeError, Stage, StageContext
+
+
+class OutputConflict(RecipeError):
+    """The output folder holds the work of a different recipe."""
+
+
+@dataclass
+class Plan:
+    """A recipe compiled into a source, phases of stages and sinks, checked before any work."""
+
+    loaded: LoadedRecipe
+    source: Any
+    phases: list[PhaseSpec]
+    stages: list[Stage]
+    sinks: list[tuple[str, dict[str, Any]]]
+    layout: RunLayout
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        """What `--dry-run` prints: the plan, no work."""
+        recipe = self.loaded.recipe
+        return {
+            "recipe": str(self.loaded.file),
+            "recipe_sha256": self.loaded.sha256(),
+            "source": self.source.describe(),
+            "phases": [{"name": p.name, "stages": [name for name, _ in p.stages]} for p in self.phases],
+            "outputs": {"path": str(self.layout.root), "formats": [name for name, _ in self.sinks],
+                        "shard_rows": recipe.output.shard_rows, "shard_bytes": recipe.output.shard_bytes},
+            "engine": recipe.engine.model_dump(mode="json"),
+        }
+
+
+def compile_plan(loaded: LoadedRecipe) -> Plan:
+    """Instantiate the recipe's source, stages and sinks and run every preflight check."""
+    recipe = loaded.recipe
+    source_cls = registry.load(registry.SOURCES, loaded.source_type)
+    source = source_cls(loaded.source_params, recipe_dir=str(loaded.directory))
+    context = StageContext(recipe_dir=str(loaded.directory), on_sample_error=recipe.engine.on_sample_error)
+    stages = []
+    for name, params in loaded.stage_params.items():
+        cls = registry.load(registry.STAGES, name)
+        stages.append(cls(params, context))
+    if getattr(source_cls, "needs_fetch", False) and "fetch" not in loaded.stage_params:
+        raise RecipeError("this source yields URLs; add a `fetch` stage to download them",
+                          file=str(loaded.file), path="stages")
+    source.preflight()
+    for stage in stages:
+        stage.preflight()
+    phases: list[PhaseSpec] = []
+    for stage in stages:
+        if not phases or phases[-1].name != stage.phase:
+            if any(p.name == stage.phase for p in phases):
+                raise RecipeError(f"stage {stage.name!r} belongs to phase {stage.phase!r}, which an earlier "
+                                  "stage of another phase already closed; reorder the stages",
+                                  file=str(loaded.file), path=f"stages.{stage.name}")
+            input_phase = phases[-1].name if phases else INPUT_PHASE
+            phases.append(PhaseSpec(stage.phase, input_phase, []))
+        phases[-1].stages.append((stage.name, stage.params.model_dump(mode="json")))
+    sinks = [(name, params.model_dump(mode="json")) for name, params in loaded.sink_params.items()]
+    return Plan(loaded, source, phases, stages, sinks, RunLayout(loaded.output_path()))
+
+
+def check_output_folder(plan: Plan, overwrite: bool) -> str:
+    """Decide what to do with the output folder: 'fresh', 'resume' or 'complete'.
+
+    Raises OutputConflict when it holds another recipe's work and `overwrite` is off.
+    """
+    layout, sha = plan.layout, plan.loaded.sha256()
+    previous = None
+    if layout.manifest.exists():
+        previous = read_json(layout.manifest).get("recipe", {}).get("sha256")
+    elif layout.run_info.exists():
+        previous = read_json(layout.run_info).get("recipe_sha256")
+    elif layout.root.exists() and any(layout.root.iterdir()):
+        if not overwrite:
+            raise OutputConflict("the output folder exists and is not a curate output; choose another "
+                                 "output.path or pass --overwrite", path="output.path", file=str(layout.root))
+    if previous is not None and previous != sha:
+        if not overwrite:
+            raise OutputConflict(f"the output folder holds the output of a different recipe (sha256 "
+                                 f"{previous[:12]}, this one {sha[:12]}); choose another output.path or pass "
+                                 "--overwrite", path="output.path", file=str(layout.root))
+        previous = None
+    if overwrite and previous is None and layout.root.exists():
+        shutil.rmtree(layout.root)
+    if previous == sha and layout.manifest.exists():
+        return "complete"
+    return "resume" if layout.run_info.exists() else "fresh"
+
+
+def execute(plan: Plan, console: Console, address: str | None = None, verbose: bool = False,
+            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run the plan to completion (resuming earlier work) and return the manifest."""
+    state = check_output_folder(plan, overwrite)
+    layout, recipe = plan.layout, plan.loaded.recipe
+    if state == "complete":
+        console.print(f"[green]already complete:[/] {layout.root} (same recipe; nothing to do)")
+        return read_json(layout.manifest)
+    started_at, started = time.time(), time.perf_counter()
+    layout.work.mkdir(parents=True, exist_ok=True)
+    write_json(layout.run_info, {"recipe_sha256": plan.loaded.sha256(), "recipe": str(plan.loaded.file)})
+    if state == "resume":
+        console.print(f"[yellow]resuming[/] the unfinished run in {layout.root}")
+
+    resources = cluster.connect(address or recipe.engine.address, verbose=verbose)
+    device = cluster.device_summary(resources)
+    if device["accelerator"] == "cpu" and any(s.resources.gpus for s in plan.stages):
+        console.print("[bold yellow]No GPU in the cluster: model stages run on CPU (slower).[/]")
+    timings: dict[str, float] = {}
+    context = StageContext(recipe_dir=str(plan.loaded.directory), work_dir=str(layout.work),
+                           on_sample_error=recipe.engine.on_sample_error, device=device["accelerator"])
+
+    with phase_progress(console, enabled=progress) as bars:
+        phase_started = time.perf_counter()
+        split = split_source(plan.source, layout, recipe.engine.rows_per_work_shard)
+        timings[INPUT_PHASE] = time.perf_counter() - phase_started
+        shards, source_stats = split["shards"], split["stats"]
+        markers_by_phase: dict[str, list[dict[str, Any]]] = {}
+        for phase in plan.phases:
+            task = bars.add_task(phase.name, total=source_stats["rows_out"] if phase is plan.phases[0] else None)
+            total_in = _phase_input_rows(layout, phase.input_phase, shards, markers_by_phase)
+            bars.update(task, total=total_in)
+            stage_objects = [s for s in plan.stages if s.phase == phase.name]
+            worker_plan = cluster.plan_workers(
+                resources, recipe.engine.workers, shards,
+                cpus_per_worker=max(s.resources.cpus for s in stage_objects),
+                gpus_per_worker=max(s.resources.gpus for s in stage_objects) if device["gpus"] else 0.0)
+            phase_started = time.perf_counter()
+            markers_by_phase[phase.name] = run_phase(
+                phase, layout, shards, worker_plan, context, batch_rows=256,
+                on_progress=lambda rows, task=task: bars.advance(task, rows))
+            timings[phase.name] = time.perf_counter() - phase_started
+
+        last_phase = plan.phases[-1].name if plan.phases else INPUT_PHASE
+        final_files = [layout.shard_file(last_phase, s) for s in range(shards)]
+        total_out = sum(pq.ParquetFile(f).metadata.num_rows for f in final_files)
+        task = bars.add_task("write", total=total_out)
+        write_plan = cluster.plan_workers(resources, recipe.engine.workers, max(1, shards))
+        phase_started = time.perf_counter()
+        outputs = write_outputs(layout, final_files, plan.sinks, recipe.output.shard_rows, recipe.output.shard_bytes,
+                                write_plan.cpus_per_worker, on_progress=lambda rows: bars.advance(task, rows))
+        timings["write"] = time.perf_counter() - phase_started
+
+    dropped = write_drop_log(layout, [INPUT_PHASE] + [p.name for p in plan.phases], shards)
+    stage_stats = _collect_stage_stats(source_stats, plan, markers_by_phase)
+    manifest = build_manifest(
+        plan=plan, layout=layout, device=device, resources=resources, stage_stats=stage_stats,
+        phase_seconds=timings, outputs=outputs, final_files=final_files, dropped_rows=dropped,
+        started_at=started_at, seconds=time.perf_counter() - started)
+    write_json(layout.manifest, manifest)
+    if not recipe.engine.keep_work:
+        shutil.rmtree(layout.work, ignore_errors=True)
+    if not manifest["reconciliation"]["ok"]:
+        raise RuntimeError(f"rows do not reconcile: {manifest['reconciliation']}")
+    return manifest
+
+
+def _phase_input_rows(layout: RunLayout, input_phase: str, shards: int,
+                      markers_by_phase: dict[str, list[dict[str, Any]]]) -> int:
+    if input_phase in markers_by_phase:
+        return sum(m["rows_out"] for m in markers_by_phase[input_phase])
+    return sum(pq.ParquetFile(layout.shard_file(input_phase, s)).metadata.num_rows for s in range(shards))
+
+
+def _collect_stage_stats(source_stats: dict[str, Any], plan: Plan,
+                         markers_by_phase: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    ordered = [{"name": SOURCE_STAGE, "phase": INPUT_PHASE, **source_stats}]
+    for phase in plan.phases:
+        totals: dict[str, StageStats] = {}
+        for marker in markers_by_phase.get(phase.name, []):
+            for name, data in marker["stages"].items():
+                totals.setdefault(name, StageStats()).add(StageStats.from_json(data))
+        for name, _ in phase.stages:
+            ordered.append({"name": name, "phase": phase.name, **totals.get(name, StageStats()).to_json()})
+    return ordered
+
+
+def write_drop_log(layout: RunLayout, phases: list[str], shards: int) -> int:
+    """Concatenate every work shard's drops (by shard, then phase) into OUT/drops.parquet; return its rows."""
+    rows = 0
+    with atomic_path(layout.drops) as temporary:
+        with pq.ParquetWriter(temporary, schema.DROP_SCHEMA, compression="zstd") as writer:
+            for shard in range(shards):
+                for phase in phases:
+                    table = pq.read_table(layout.drops_file(phase, shard)).cast(schema.DROP_SCHEMA)
+                    if table.num_rows:
+                        writer.write_table(table)
+                        rows += table.num_rows
+            if rows == 0:
+                writer.write_table(schema.empty_table(schema.DROP_SCHEMA))
+    return rows
+

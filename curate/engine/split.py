@@ -1,0 +1,67 @@
+"""Split a source into deterministic work shards (the input of the first phase)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+
+from curate import schema
+from curate.engine.apply import StageStats, split_drops
+from curate.files import RunLayout, read_json, write_json, write_table
+from curate.sources.base import Source
+
+INPUT_PHASE = "input"
+SOURCE_STAGE = "source"
+
+
+def _rechunk(batches: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """Regroup a stream of tables into tables of exactly `rows` rows (the last may be shorter)."""
+    pending: list[pa.Table] = []
+    count = 0
+    for batch in batches:
+        while batch.num_rows:
+            take = min(rows - count, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            count += take
+            batch = batch.slice(take)
+            if count == rows:
+                yield pa.concat_tables(pending).combine_chunks()
+                pending, count = [], 0
+    if count:
+        yield pa.concat_tables(pending).combine_chunks()
+
+
+def split_source(source: Source, layout: RunLayout, rows_per_shard: int) -> dict:
+    """Write the source's rows as work shards under _work/input/; return the split summary.
+
+    The split is done once: a finished split (its summary file exists) is reused.
+    Rows the source could not turn into samples go to the shard's drop log.
+    """
+    summary_path = layout.phase_dir(INPUT_PHASE) / "_SUCCESS.json"
+    if summary_path.exists():
+        return read_json(summary_path)
+    totals = StageStats()
+    shards = 0
+    read_rows = max(1, min(rows_per_shard, 8192))
+    for shard, table in enumerate(_rechunk(source.iter_batches(read_rows), rows_per_shard)):
+        kept, drops = split_drops(table, SOURCE_STAGE)
+        write_table(layout.shard_file(INPUT_PHASE, shard), kept)
+        write_table(layout.drops_file(INPUT_PHASE, shard), drops)
+        totals.rows_in += table.num_rows
+        totals.rows_out += kept.num_rows
+        totals.dropped.update(drops.column("reason").to_pylist())
+        shards += 1
+    if shards == 0:  # an empty input still gets one (empty) work shard so every phase has a file
+        write_table(layout.shard_file(INPUT_PHASE, 0), schema.empty_table())
+        write_table(layout.drops_file(INPUT_PHASE, 0), schema.empty_table(schema.DROP_SCHEMA))
+        shards = 1
+    summary = {"shards": shards, "rows_per_shard": rows_per_shard, "stats": totals.to_json()}
+    write_json(summary_path, summary)
+    return summary
+
+
+def input_shards(layout: RunLayout) -> list[Path]:
+    """The work shard files of the split, in order."""
+    return sorted(layout.phase_dir(INPUT_PHASE).glob("[0-9]*[0-9].parquet"))

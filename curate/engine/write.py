@@ -1,0 +1,145 @@
+"""Cut the final work shards into output shards and write them with every configured sink."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from curate import registry
+from curate.files import RunLayout, atomic_path, read_json, sha256_file, write_json
+
+WRITE_PHASE = "write"
+
+
+@dataclass
+class Segment:
+    """Rows [start, stop) of one work shard file."""
+
+    file: str
+    start: int
+    stop: int
+
+
+@dataclass
+class OutputShard:
+    """One output shard: its index and the work-shard segments it is made of, in order."""
+
+    index: int
+    segments: list[Segment]
+    rows: int
+
+
+def row_image_bytes(path: Path) -> list[int]:
+    """Per-row total of encoded image bytes in a work shard (reads only `image_meta`)."""
+    table = pq.read_table(path, columns=["image_meta"])
+    if table.num_rows == 0:
+        return []
+    flat = pc.list_flatten(table.column("image_meta"))
+    sizes = pc.fill_null(pc.struct_field(flat, "num_bytes"), 0).to_pylist()
+    lengths = pc.fill_null(pc.list_value_length(table.column("image_meta")), 0).to_pylist()
+    totals, offset = [], 0
+    for length in lengths:
+        totals.append(sum(sizes[offset:offset + length]))
+        offset += length
+    return totals
+
+
+def plan_output_shards(files: list[Path], shard_rows: int | None, shard_bytes: int | None) -> list[OutputShard]:
+    """Cut the rows of `files`, in order, into shards of at most `shard_rows` rows / about `shard_bytes` bytes.
+
+    Deterministic: the same work shards always give the same output shards.
+    """
+    shards: list[OutputShard] = []
+    segments: list[Segment] = []
+    rows = size = 0
+
+    def close() -> None:
+        nonlocal segments, rows, size
+        if rows:
+            shards.append(OutputShard(len(shards), segments, rows))
+        segments, rows, size = [], 0, 0
+
+    for file in files:
+        start = 0
+        for position, row_bytes in enumerate(row_image_bytes(file)):
+            rows += 1
+            size += row_bytes
+            if (shard_rows and rows >= shard_rows) or (shard_bytes and size >= shard_bytes):
+                segments.append(Segment(str(file), start, position + 1))
+                start = position + 1
+                close()
+        end = pq.ParquetFile(file).metadata.num_rows
+        if end > start:
+            segments.append(Segment(str(file), start, end))
+    close()
+    return shards
+
+
+def _segment_tables(segments: list[Segment], batch_rows: int = 256) -> Iterator[pa.Table]:
+    for segment in segments:
+        parquet = pq.ParquetFile(segment.file)
+        position = 0
+        for record_batch in parquet.iter_batches(batch_size=batch_rows):
+            batch_start, batch_stop = position, position + record_batch.num_rows
+            position = batch_stop
+            lo, hi = max(batch_start, segment.start), min(batch_stop, segment.stop)
+            if lo < hi:
+                yield pa.Table.from_batches([record_batch.slice(lo - batch_start, hi - lo)])
+            if position >= segment.stop:
+                break
+
+
+def write_output_shard(shard: OutputShard, sinks: list[tuple[str, dict[str, Any]]], root: str) -> dict[str, Any]:
+    """Write `shard` with every sink (atomically), then its marker; return the marker."""
+    layout = RunLayout(Path(root))
+    files = []
+    for name, params in sinks:
+        cls = registry.load(registry.SINKS, name)
+        sink = cls(cls.Params.model_validate(params))
+        final = layout.output_file(name, shard.index, cls.extension)
+        with atomic_path(final) as temporary:
+            written = sink.write(_segment_tables(shard.segments), str(temporary))
+        if written != shard.rows:
+            raise RuntimeError(f"{name} sink wrote {written} rows to {final.name}, expected {shard.rows}")
+        files.append({
+            "format": name,
+            "path": str(final.relative_to(layout.root)),
+            "rows": written,
+            "bytes": final.stat().st_size,
+            "sha256": sha256_file(final),
+        })
+    marker = {"index": shard.index, "rows": shard.rows, "files": files}
+    write_json(layout.marker(WRITE_PHASE, shard.index), marker)
+    return marker
+
+
+def write_outputs(layout: RunLayout, files: list[Path], sinks: list[tuple[str, dict[str, Any]]],
+                  shard_rows: int | None, shard_bytes: int | None, cpus_per_task: float,
+                  on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
+    """Plan and write all output shards, skipping those already written; return their markers in order."""
+    plan_path = layout.phase_dir(WRITE_PHASE) / "plan.json"
+    if plan_path.exists():
+        shards = [OutputShard(s["index"], [Segment(**g) for g in s["segments"]], s["rows"])
+                  for s in read_json(plan_path)]
+    else:
+        shards = plan_output_shards(files, shard_rows, shard_bytes)
+        write_json(plan_path, [asdict(s) for s in shards])
+    remote_write = ray.remote(write_output_shard).options(num_cpus=cpus_per_task, max_retries=0)
+    pending = {}
+    for shard in shards:
+        if layout.marker(WRITE_PHASE, shard.index).exists():
+            on_progress(shard.rows)
+        else:
+            pending[remote_write.remote(shard, sinks, str(layout.root))] = shard
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            ray.get(ref)
+            on_progress(pending.pop(ref).rows)
+    return [read_json(layout.marker(WRITE_PHASE, s.index)) for s in shards]

@@ -1,0 +1,267 @@
+"""Decode, normalise, resize and re-encode one fetched image.
+
+`process_image` turns whatever a host served into a clean RGB image of the
+configured size and encoding, or raises `ImageError` with a drop reason:
+
+  not_image            Pillow cannot identify the data as an image of a web format
+  decompression_bomb   more pixels than max_pixels (checked from the header, before
+                       decoding), or a compressed metadata chunk that expands too far
+  corrupt              the data stream is truncated or broken, or anything else failed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from curate.fetch.config import EncodeParams, ResizeParams
+
+# Formats a web image can reasonably be in; anything else (EPS, PDF, PSD, ...) is
+# refused without being parsed. HEIF counts only when a plugin registered it.
+READ_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "AVIF", "HEIF", "BMP", "DIB", "TIFF", "ICO")
+HIGH_BIT_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+WHITE = (255, 255, 255)
+
+
+class ImageError(Exception):
+    """An image that cannot be used; `reason` is a drop reason code, `detail` says why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class ProcessedImage:
+    """A re-encoded image and what is known about the original."""
+
+    data: bytes
+    format: str  # jpg / webp / png
+    width: int
+    height: int
+    original_width: int  # as displayed, i.e. after EXIF orientation
+    original_height: int
+    original_format: str  # Pillow's format name: JPEG, MPO, PNG, GIF, ...
+    sha256: str  # hex digest of the original bytes
+    num_bytes: int
+    original_num_bytes: int
+
+
+def process_image(data: bytes, resize: ResizeParams, encode: EncodeParams, max_pixels: int) -> ProcessedImage:
+    """Decode `data`, make it an upright sRGB RGB image, resize it and encode it.
+
+    Only the first frame of an animation is used. Raises ImageError (and nothing
+    else) when the data is not a usable image.
+    """
+    try:
+        return _process(data, resize, encode, max_pixels)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a drop reason
+        raise _error_for(exc) from exc
+
+
+def scaled_size(size: tuple[int, int], resize: ResizeParams) -> tuple[int, int]:
+    """The size the whole image is scaled to (before a center crop or border pad)."""
+    width, height = size
+    if resize.mode == "none":
+        return size
+    if resize.mode == "keep_ratio":
+        reference = max(width, height) if resize.side == "longest" else min(width, height)
+    elif resize.mode == "center_crop":
+        reference = min(width, height)
+    else:
+        reference = max(width, height)
+    if resize.only_if_bigger and reference <= resize.size:
+        return size
+    scale = resize.size / reference
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _process(data: bytes, resize: ResizeParams, encode: EncodeParams, max_pixels: int) -> ProcessedImage:
+    with Image.open(io.BytesIO(data), formats=_read_formats()) as im:
+        original_format = im.format or "unknown"
+        _check_pixels(im.size, max_pixels)
+        stored_size = im.size
+        _draft(im, resize)
+        im.load()
+        upright = _upright(im, _orientation(im))
+        swapped = upright.size != im.size
+        displayed = stored_size[::-1] if swapped else stored_size
+        out = _resize(_to_rgb(upright), displayed, resize)
+        payload = _encode(out, encode)
+    return ProcessedImage(
+        data=payload,
+        format=encode.format,
+        width=out.width,
+        height=out.height,
+        original_width=displayed[0],
+        original_height=displayed[1],
+        original_format=original_format,
+        sha256=hashlib.sha256(data).hexdigest(),
+        num_bytes=len(payload),
+        original_num_bytes=len(data),
+    )
+
+
+def _read_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(name for name in READ_FORMATS if name in Image.OPEN)
+
+
+def _error_for(exc: Exception) -> ImageError:
+    """Map a Pillow (or other) exception to a drop reason."""
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageError("not_image", "not an image of a supported format")
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageError("decompression_bomb", str(exc))
+    if isinstance(exc, ValueError) and "Decompressed data too large" in str(exc):
+        return ImageError("decompression_bomb", str(exc))
+    return ImageError("corrupt", f"{type(exc).__name__}: {exc}")
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageError("decompression_bomb", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF (or XMP) orientation, 1 when absent or unreadable.
+
+    Call it after `load()` except for JPEG: other formats may load while reading
+    EXIF, and a load failure here would be swallowed.
+    """
+    try:
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF means "no orientation"
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _draft(im: Image.Image, resize: ResizeParams) -> None:
+    """Let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while staying >= the resize target."""
+    if im.format not in ("JPEG", "MPO"):
+        return
+    swaps = _orientation(im) in SWAPPING_ORIENTATIONS
+    displayed = im.size[::-1] if swaps else im.size
+    target = scaled_size(displayed, resize)
+    stored_target = target[::-1] if swaps else target
+    if stored_target[0] * 2 <= im.width and stored_target[1] * 2 <= im.height:
+        im.draft(im.mode, stored_target)
+
+
+def _upright(im: Image.Image, orientation: int) -> Image.Image:
+    """`im` with its orientation applied; `im` itself if there is none or EXIF is malformed."""
+    if orientation == 1:
+        return im
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
+        return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB sRGB version of `im`: depth reduced, colour managed, alpha on white."""
+    if im.mode in HIGH_BIT_MODES:
+        im = _to_8bit(im)
+    im = _base_mode(im)
+    im = _to_srgb(im)
+    if im.mode == "RGBA":
+        background = Image.new("RGB", im.size, WHITE)
+        background.paste(im, mask=im.getchannel("A"))
+        im = background
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or float single-channel image to L (LA if it has a transparent value)."""
+    values = np.asarray(im)
+    if im.mode == "F":
+        values = np.nan_to_num(values.astype(np.float64))
+        scaled = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
+    elif im.mode == "I" and values.max(initial=0) <= 255:
+        scaled = values
+    elif im.mode == "I" and values.max(initial=0) > 65535:
+        scaled = values / 16843009.0  # (2**32 - 1) / 255
+    else:
+        scaled = values / 257.0  # 65535 -> 255
+    gray = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    transparent = im.info.get("transparency")
+    if isinstance(transparent, int) and not isinstance(transparent, bool):
+        alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8))
+        return Image.merge("LA", (gray, alpha))
+    if "icc_profile" in im.info:
+        gray.info["icc_profile"] = im.info["icc_profile"]
+    return gray
+
+
+def _base_mode(im: Image.Image) -> Image.Image:
+    """Bring `im` to L, RGB, RGBA or CMYK (the modes colour management handles)."""
+    if im.mode in ("RGB", "CMYK", "L") and not im.has_transparency_data:
+        return im
+    if im.has_transparency_data:
+        return im.convert("RGBA")
+    return im.convert("L" if im.mode == "1" else "RGB")
+
+
+def _to_srgb(im: Image.Image) -> Image.Image:
+    """Convert through the embedded ICC profile to sRGB; unchanged if absent or unusable."""
+    profile = im.info.get("icc_profile")
+    if not profile:
+        return im
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        return ImageCms.profileToProfile(
+            im, source, _srgb_profile(), outputMode="RGBA" if im.mode == "RGBA" else "RGB"
+        )
+    except Exception:  # noqa: BLE001 - a broken or mismatched profile keeps the raw values
+        return im
+
+
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _resize(im: Image.Image, original: tuple[int, int], resize: ResizeParams) -> Image.Image:
+    """Scale, then center-crop or pad, following `resize` (sizes are computed from `original`)."""
+    target = scaled_size(original, resize)
+    if im.size != target:
+        im = im.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if resize.mode == "center_crop":
+        return _center_crop(im, min(target))
+    if resize.mode == "border":
+        return _pad(im, max(target), tuple(resize.border_color))
+    return im
+
+
+def _center_crop(im: Image.Image, side: int) -> Image.Image:
+    left, top = (im.width - side) // 2, (im.height - side) // 2
+    return im.crop((left, top, left + side, top + side))
+
+
+def _pad(im: Image.Image, side: int, color: tuple[int, int, int]) -> Image.Image:
+    if im.size == (side, side):
+        return im
+    canvas = Image.new("RGB", (side, side), color)
+    canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+    return canvas
+
+
+def _encode(im: Image.Image, encode: EncodeParams) -> bytes:
+    """Encode without metadata; the same pixels always give the same bytes."""
+    im.info = {}  # keeps encoders from copying ICC / transparency / EXIF of the source
+    buffer = io.BytesIO()
+    if encode.format == "jpg":
+        im.save(buffer, "JPEG", quality=encode.quality, optimize=False)
+    elif encode.format == "webp":
+        im.save(buffer, "WEBP", quality=encode.quality, method=4)
+    else:
+        im.save(buffer, "PNG")
+    return buffer.getvalue()

@@ -1,0 +1,133 @@
+"""The `fetch` stage: download every image of a batch, decode, resize and re-encode it."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+
+from curate.fetch.config import FetchParams
+from curate.fetch.http import FetchResult, HttpFetcher
+from curate.fetch.image import ImageError, ProcessedImage, process_image
+from curate.schema import SAMPLE_SCHEMA
+from curate.stage import Resources, Stage, StageContext, with_drops
+
+
+class _Failure(NamedTuple):
+    reason: str
+    detail: str | None
+
+
+class _Slot(NamedTuple):
+    """One image of one row that still needs its bytes."""
+
+    row: int
+    index: int
+    url: str | None
+
+
+class FetchStage(Stage):
+    """Fill `images[i].bytes` and `image_meta[i]` of every row from `image_meta[i].url`.
+
+    A row with any image that cannot be fetched or decoded is dropped with the
+    reason of its first failing image. Images that already have bytes are kept as they are.
+    """
+
+    name = "fetch"
+    Params = FetchParams
+    phase = "prepare"
+    resources = Resources(cpus=1.0)
+
+    def __init__(self, params: FetchParams, context: StageContext | None = None):
+        super().__init__(params, context)
+        self._fetcher: HttpFetcher | None = None
+
+    def setup(self) -> None:
+        """Create the HTTP fetcher (its connection pool and worker threads)."""
+        self._fetcher = HttpFetcher(self.params)
+
+    def teardown(self) -> None:
+        """Close the HTTP fetcher."""
+        if self._fetcher is not None:
+            self._fetcher.close()
+            self._fetcher = None
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Download and process all missing images of `batch` concurrently; drop rows that fail."""
+        if self._fetcher is None:
+            self.setup()
+        raw_images = batch.column("images").to_pylist()
+        raw_metas = batch.column("image_meta").to_pylist()
+        images = [list(row or []) for row in raw_images]
+        metas = [list(row or []) for row in raw_metas]
+        slots = _missing(images, metas)
+        urls = list(dict.fromkeys(slot.url for slot in slots if slot.url))
+        outcomes = dict(zip(urls, self._fetcher.fetch_many(urls, after=self._decode)))
+
+        reasons: list[str | None] = [None] * batch.num_rows
+        details: list[str | None] = [None] * batch.num_rows
+        for slot in slots:
+            outcome = outcomes[slot.url] if slot.url else _Failure("invalid_url", "image has neither bytes nor URL")
+            if isinstance(outcome, _Failure) and reasons[slot.row] is None:
+                reasons[slot.row] = outcome.reason
+                details[slot.row] = _row_detail(slot, outcome.detail, len(metas[slot.row]))
+        filled = set()
+        for slot in slots:
+            if reasons[slot.row] is None:
+                processed = outcomes[slot.url]
+                images[slot.row][slot.index] = {"bytes": processed.data, "path": None}
+                metas[slot.row][slot.index] = _meta(slot.url, processed)
+                filled.add(slot.row)
+
+        rows = range(batch.num_rows)
+        batch = _replace(batch, "images", [images[i] if i in filled else raw_images[i] for i in rows])
+        batch = _replace(batch, "image_meta", [metas[i] if i in filled else raw_metas[i] for i in rows])
+        return with_drops(batch, reasons, details)
+
+    def _decode(self, result: FetchResult) -> ProcessedImage | _Failure:
+        """Runs in the fetch worker thread right after the download."""
+        if not result.ok:
+            return _Failure(result.reason, result.detail)
+        params = self.params
+        try:
+            return process_image(result.body, params.resize, params.encode, params.max_pixels)
+        except ImageError as exc:
+            return _Failure(exc.reason, exc.detail)
+
+
+def _missing(images: list[list[Any]], metas: list[list[Any]]) -> list[_Slot]:
+    """The images without bytes, padding each row's `images` to the length of its `image_meta`."""
+    slots = []
+    for row, (row_images, row_metas) in enumerate(zip(images, metas)):
+        row_images.extend([None] * (len(row_metas) - len(row_images)))
+        for index, meta in enumerate(row_metas):
+            image = row_images[index]
+            if image is None or image.get("bytes") is None:
+                slots.append(_Slot(row, index, (meta or {}).get("url")))
+    return slots
+
+
+def _row_detail(slot: _Slot, detail: str | None, num_images: int) -> str | None:
+    if num_images <= 1:
+        return detail
+    return f"image {slot.index} ({slot.url}): {detail}"
+
+
+def _meta(url: str, image: ProcessedImage) -> dict[str, Any]:
+    return {
+        "url": url,
+        "width": image.width,
+        "height": image.height,
+        "original_width": image.original_width,
+        "original_height": image.original_height,
+        "sha256": image.sha256,
+        "format": image.format,
+        "original_format": image.original_format,
+        "num_bytes": image.num_bytes,
+        "original_num_bytes": image.original_num_bytes,
+    }
+
+
+def _replace(batch: pa.Table, name: str, values: list[Any]) -> pa.Table:
+    field = SAMPLE_SCHEMA.field(name)
+    return batch.set_column(batch.schema.get_field_index(name), field, pa.array(values, field.type))

@@ -1,0 +1,1 @@
+"""The manifest: build, validate, verify, inspect."""

@@ -1,0 +1,132 @@
+"""Assemble manifest.json: what ran, on what, with which result, and whether rows reconcile."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import schema
+from curate.files import RunLayout, sha256_file
+from curate.manifest.validate import validate_manifest
+
+if TYPE_CHECKING:
+    from curate.engine.run import Plan
+
+MANIFEST_VERSION = 1
+LIBRARIES = ("curate", "ray", "pyarrow", "pillow", "datasets", "webdataset", "numpy", "pydantic", "urllib3",
+             "torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "huggingface_hub")
+QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of curate and the libraries that shape its output."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    """Count, mean and quantiles of `values` (nulls removed beforehand)."""
+    if not values:
+        return {"count": 0}
+    array = np.asarray(values, dtype=np.float64)
+    return {
+        "count": int(array.size),
+        "mean": round(float(array.mean()), 4),
+        "quantiles": {f"p{int(q * 100)}": round(float(np.quantile(array, q)), 4) for q in QUANTILES},
+    }
+
+
+def field_statistics(files: list[Path]) -> dict[str, Any]:
+    """Quantiles of the main numeric fields over the kept samples in `files`."""
+    columns: dict[str, list[float]] = {name: [] for name in (
+        "width", "height", "original_width", "original_height", "num_bytes", "caption_chars", "caption_words",
+        "clip_score", "aesthetic")}
+    for file in files:
+        table = pq.read_table(file, columns=["image_meta", "captions", "scores"])
+        if table.num_rows == 0:
+            continue
+        flat = pc.list_flatten(table.column("image_meta"))
+        for name in ("width", "height", "original_width", "original_height", "num_bytes"):
+            columns[name].extend(v for v in pc.struct_field(flat, name).to_pylist() if v is not None)
+        for captions in table.column("captions").to_pylist():
+            text = schema.caption_text(captions)
+            if text is not None:
+                columns["caption_chars"].append(len(text))
+                columns["caption_words"].append(len(text.split()))
+        for score in ("clip_score", "aesthetic"):
+            values = pc.struct_field(table.column("scores"), score).to_pylist()
+            columns[score].extend(v for v in values if v is not None)
+    return {name: summarize(values) for name, values in columns.items() if values}
+
+
+def _kinds(files: list[Path]) -> dict[str, int]:
+    counts: Counter = Counter()
+    for file in files:
+        counts.update(pq.read_table(file, columns=["kind"]).column("kind").to_pylist())
+    return dict(sorted(counts.items()))
+
+
+def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], resources: dict[str, float],
+                   stage_stats: list[dict[str, Any]], phase_seconds: dict[str, float],
+                   outputs: list[dict[str, Any]], final_files: list[Path], dropped_rows: int,
+                   started_at: float, seconds: float) -> dict[str, Any]:
+    """Build and validate the manifest of a finished run."""
+    source_stats = stage_stats[0]
+    shards = [file for marker in outputs for file in marker["files"]]
+    formats = [name for name, _ in plan.sinks]
+    rows_by_format = {name: sum(f["rows"] for f in shards if f["format"] == name) for name in formats}
+    output_rows = rows_by_format[formats[0]] if formats else 0
+    input_rows = source_stats["rows_in"]
+    drops = pq.read_table(layout.drops, columns=["reason"]).column("reason").to_pylist()
+    reconciliation = {
+        "input_rows": input_rows,
+        "output_rows": output_rows,
+        "dropped_rows": dropped_rows,
+        "rows_by_format": rows_by_format,
+        "ok": input_rows == output_rows + dropped_rows and len(set(rows_by_format.values())) <= 1,
+    }
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "status": "complete",
+        "created": dt.datetime.fromtimestamp(started_at, dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "recipe": {
+            "name": plan.loaded.recipe.name,
+            "file": str(plan.loaded.file),
+            "sha256": plan.loaded.sha256(),
+            "resolved": plan.loaded.resolved(),
+        },
+        "versions": library_versions(),
+        "device": {**device, "resources": {k: v for k, v in sorted(resources.items()) if k in ("CPU", "GPU",
+                                                                                                "memory")}},
+        "sources": [{**plan.source.describe(), "rows": input_rows}],
+        "stages": stage_stats,
+        "phases": [{"name": name, "seconds": round(value, 3)} for name, value in phase_seconds.items()],
+        "models": [],
+        "kinds": _kinds(final_files),
+        "outputs": {"formats": formats, "rows": output_rows, "shards": shards},
+        "drop_log": {
+            "path": layout.drops.name,
+            "rows": dropped_rows,
+            "sha256": sha256_file(layout.drops),
+            "by_reason": dict(sorted(Counter(drops).items())),
+        },
+        "schema": schema.describe(),
+        "statistics": field_statistics(final_files),
+        "reconciliation": reconciliation,
+    }
+    validate_manifest(manifest)
+    return manifest

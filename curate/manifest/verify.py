@@ -1,0 +1,95 @@
+"""Check an output folder against its manifest: every shard present, same bytes, same rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from curate import registry
+from curate.files import read_json, sha256_file
+from curate.manifest.validate import ManifestInvalid, validate_manifest
+
+
+@dataclass
+class VerifyReport:
+    """What `verify_output` found; `ok` when `problems` is empty."""
+
+    checked_files: int = 0
+    checked_rows: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def resolve_manifest(path: str | Path) -> Path:
+    """Accept an output folder or a manifest.json path; return the manifest path."""
+    path = Path(path)
+    return path / "manifest.json" if path.is_dir() else path
+
+
+def verify_output(path: str | Path) -> VerifyReport:
+    """Recompute sha256 and row counts of every output shard and the drop log against the manifest."""
+    manifest_path = resolve_manifest(path)
+    report = VerifyReport()
+    if not manifest_path.is_file():
+        report.problems.append(f"no manifest at {manifest_path}")
+        return report
+    manifest = read_json(manifest_path)
+    try:
+        validate_manifest(manifest)
+    except ManifestInvalid as error:
+        report.problems.append(str(error))
+        return report
+    root = manifest_path.parent
+    sinks = {}
+    for entry in manifest["outputs"]["shards"]:
+        file = root / entry["path"]
+        report.checked_files += 1
+        if not file.is_file():
+            report.problems.append(f"missing shard {entry['path']}")
+            continue
+        if file.stat().st_size != entry["bytes"]:
+            report.problems.append(f"{entry['path']}: {file.stat().st_size} bytes, manifest says {entry['bytes']}")
+        digest = sha256_file(file)
+        if digest != entry["sha256"]:
+            report.problems.append(f"{entry['path']}: sha256 {digest[:12]}…, manifest says {entry['sha256'][:12]}…")
+        if entry["format"] not in sinks:
+            cls = registry.load(registry.SINKS, entry["format"])
+            sinks[entry["format"]] = cls(cls.Params())
+        rows = sinks[entry["format"]].count_rows(str(file))
+        report.checked_rows += rows
+        if rows != entry["rows"]:
+            report.problems.append(f"{entry['path']}: {rows} rows, manifest says {entry['rows']}")
+    _verify_drop_log(root, manifest, report)
+    _verify_totals(manifest, report)
+    return report
+
+
+def _verify_drop_log(root: Path, manifest: dict, report: VerifyReport) -> None:
+    drop_log = manifest["drop_log"]
+    file = root / drop_log["path"]
+    report.checked_files += 1
+    if not file.is_file():
+        report.problems.append(f"missing drop log {drop_log['path']}")
+        return
+    if sha256_file(file) != drop_log["sha256"]:
+        report.problems.append(f"{drop_log['path']}: sha256 differs from the manifest")
+    rows = pq.ParquetFile(file).metadata.num_rows
+    if rows != drop_log["rows"]:
+        report.problems.append(f"{drop_log['path']}: {rows} rows, manifest says {drop_log['rows']}")
+
+
+def _verify_totals(manifest: dict, report: VerifyReport) -> None:
+    totals = manifest["reconciliation"]
+    if totals["input_rows"] != totals["output_rows"] + totals["dropped_rows"]:
+        report.problems.append(
+            f"rows do not reconcile: {totals['input_rows']} in != {totals['output_rows']} out + "
+            f"{totals['dropped_rows']} dropped")
+    for fmt in manifest["outputs"]["formats"]:
+        rows = sum(s["rows"] for s in manifest["outputs"]["shards"] if s["format"] == fmt)
+        if rows != manifest["outputs"]["rows"]:
+            report.problems.append(f"{fmt} shards hold {rows} rows, manifest says {manifest['outputs']['rows']}")

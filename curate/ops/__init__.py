@@ -1,0 +1,1 @@
+"""Per-sample operations that score, filter or transform samples: cheap rule-based filters first."""

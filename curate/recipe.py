@@ -1,0 +1,273 @@
+"""Recipes: YAML files that say what to read, which stages to run and what to write.
+
+A recipe is loaded in four steps: parse the YAML, merge the presets it includes
+(``include:``, looked up next to the recipe and in the bundled ``filters/``),
+apply ``--set dotted.key=value`` overrides, then validate everything with
+pydantic models that reject unknown keys. Every user mistake becomes one
+RecipeError naming the file, the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from curate import registry
+from curate.stage import Params, RecipeError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_ROOT.parent
+PRESET_DIRS = (PROJECT_ROOT / "filters", PACKAGE_ROOT / "_bundled" / "filters")
+PIPELINE_DIRS = (PROJECT_ROOT / "pipelines", PACKAGE_ROOT / "_bundled" / "pipelines")
+
+
+class OutputSpec(BaseModel):
+    """Where and how output shards are written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    formats: list[str] = Field(default_factory=lambda: ["parquet", "webdataset"], min_length=1)
+    shard_rows: int | None = Field(10_000, ge=1)  # a shard closes at this many samples...
+    shard_bytes: int | None = Field(512 * 1024 * 1024, ge=1)  # ...or this many image bytes
+    parquet: dict[str, Any] = Field(default_factory=dict)  # ParquetSink params
+    webdataset: dict[str, Any] = Field(default_factory=dict)  # WebDatasetSink params
+
+
+class EngineSpec(BaseModel):
+    """How the run is executed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = None  # Ray cluster address; None = local Ray (or RAY_ADDRESS)
+    rows_per_work_shard: int = Field(1000, ge=1)
+    workers: int | Literal["auto"] = "auto"
+    on_sample_error: Literal["drop", "raise"] = "drop"
+    keep_work: bool = False  # keep the work shards after a successful run
+
+
+class Recipe(BaseModel):
+    """A validated recipe. `stages` keeps the recipe's order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "recipe"
+    description: str = ""
+    source: dict[str, Any]
+    stages: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
+    output: OutputSpec
+    engine: EngineSpec = EngineSpec()
+
+
+class LoadedRecipe:
+    """A recipe with its typed component parameters, where it came from and its hash."""
+
+    def __init__(self, recipe: Recipe, file: Path, source_params: Params, stage_params: dict[str, Params],
+                 sink_params: dict[str, Params]):
+        self.recipe = recipe
+        self.file = file
+        self.directory = file.parent
+        self.source_type: str = recipe.source["type"]
+        self.source_params = source_params
+        self.stage_params = stage_params
+        self.sink_params = sink_params
+
+    def resolved(self) -> dict[str, Any]:
+        """The full recipe with every default filled in, as plain JSON data."""
+        data = self.recipe.model_dump(mode="json")
+        data["source"] = {"type": self.source_type, **self.source_params.model_dump(mode="json")}
+        data["stages"] = {name: p.model_dump(mode="json") for name, p in self.stage_params.items()}
+        for name, params in self.sink_params.items():
+            data["output"][name] = params.model_dump(mode="json")
+        return data
+
+    def sha256(self) -> str:
+        """Hash of the resolved recipe: equal hashes mean the same work."""
+        canonical = json.dumps(self.resolved(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def output_path(self) -> Path:
+        """The output folder, relative paths taken from the current directory."""
+        return Path(self.recipe.output.path).expanduser().resolve()
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
+    """Load, merge, override and validate the recipe at `path`."""
+    file = find_recipe(path)
+    data = _read_yaml(file)
+    data = _apply_includes(data, file)
+    for override in overrides or []:
+        _apply_override(data, override, file)
+    return _validate(data, file)
+
+
+def find_recipe(path: str | Path) -> Path:
+    """Resolve a recipe path, or the name of a bundled recipe (``demo`` -> pipelines/demo.yaml)."""
+    candidate = Path(path).expanduser()
+    if candidate.is_file():
+        return candidate.resolve()
+    for folder in PIPELINE_DIRS:
+        for name in (str(path), f"{path}.yaml"):
+            if (folder / name).is_file():
+                return (folder / name).resolve()
+    raise RecipeError("no such recipe file (nor a bundled recipe of that name; see `curate recipes`)",
+                      file=str(path))
+
+
+def bundled_recipes() -> list[Path]:
+    """The recipes shipped in pipelines/."""
+    for folder in PIPELINE_DIRS:
+        if folder.is_dir():
+            return sorted(folder.glob("*.yaml"))
+    return []
+
+
+def _read_yaml(file: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RecipeError(f"{where}not valid YAML ({getattr(error, 'problem', error)})", file=str(file)) from None
+    except OSError as error:
+        raise RecipeError(f"cannot read: {error.strerror}", file=str(file)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"expected a mapping at the top level, got {type(data).__name__}", file=str(file))
+    return data
+
+
+def _find_preset(name: str, including_file: Path) -> Path:
+    names = [name] if name.endswith((".yaml", ".yml")) else [f"{name}.yaml", name]
+    folders = [including_file.parent, including_file.parent / "filters", *PRESET_DIRS]
+    for folder in folders:
+        for candidate in names:
+            if (folder / candidate).is_file():
+                return (folder / candidate).resolve()
+    looked = ", ".join(str(f) for f in folders)
+    raise RecipeError(f"no preset {name!r} (looked in {looked})", file=str(including_file), path="include")
+
+
+def _apply_includes(data: dict[str, Any], file: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    includes = data.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise RecipeError("expected a preset name or a list of preset names", file=str(file), path="include")
+    merged: dict[str, Any] = {}
+    for name in includes:
+        preset_file = _find_preset(name, file)
+        if preset_file in seen or preset_file == file:
+            raise RecipeError(f"preset {name!r} includes itself", file=str(file), path="include")
+        preset = _apply_includes(_read_yaml(preset_file), preset_file, seen + (file,))
+        merged = _deep_merge(merged, preset)
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Merge `overlay` onto `base`; mappings merge, anything else is replaced.
+
+    Keys keep the overlay's order, then the base's extra keys: a recipe's stage
+    order wins over the order of the presets it includes.
+    """
+    result: dict[str, Any] = {}
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            result[key] = _deep_merge(base[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    for key, value in base.items():
+        if key not in result:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def _apply_override(data: dict[str, Any], override: str, file: Path) -> None:
+    key_path, sep, raw_value = override.partition("=")
+    if not sep or not key_path.strip():
+        raise RecipeError(f"--set expects dotted.key=value, got {override!r}", file=str(file))
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    keys = key_path.strip().split(".")
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"cannot set a key inside a {type(child).__name__}", file=str(file),
+                              path=".".join(keys[: depth + 1]))
+        node = child
+    node[keys[-1]] = value
+
+
+def _validate(data: dict[str, Any], file: Path) -> LoadedRecipe:
+    recipe = _check(Recipe, data, file, prefix="")
+    source = dict(recipe.source)
+    source_type = source.pop("type", None)
+    if source_type not in registry.SOURCES:
+        raise RecipeError(f"expected one of {sorted(registry.SOURCES)}, got {source_type!r}", file=str(file),
+                          path="source.type")
+    source_cls = registry.load(registry.SOURCES, source_type)
+    source_params = _check(source_cls.Params, source, file, prefix="source")
+
+    stage_params: dict[str, Params] = {}
+    for name, params in recipe.stages.items():
+        if name not in registry.STAGES:
+            raise RecipeError(f"unknown stage; expected one of {sorted(registry.STAGES)}", file=str(file),
+                              path=f"stages.{name}")
+        stage_cls = registry.load(registry.STAGES, name)
+        stage_params[name] = _check(stage_cls.Params, params or {}, file, prefix=f"stages.{name}")
+
+    sink_params: dict[str, Params] = {}
+    for index, name in enumerate(recipe.output.formats):
+        if name not in registry.SINKS:
+            raise RecipeError(f"expected one of {sorted(registry.SINKS)}, got {name!r}", file=str(file),
+                              path=f"output.formats.{index}")
+        sink_cls = registry.load(registry.SINKS, name)
+        sink_params[name] = _check(sink_cls.Params, getattr(recipe.output, name, {}) or {}, file,
+                                   prefix=f"output.{name}")
+    return LoadedRecipe(recipe, file, source_params, stage_params, sink_params)
+
+
+def _check(model: type[BaseModel], data: Any, file: Path, prefix: str) -> Any:
+    """Validate `data` against `model`, turning the first error into a RecipeError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        location = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
+        raise RecipeError(_explain(first, model, prefix), file=str(file), path=location or None) from None
+
+
+def _explain(error: dict[str, Any], model: type[BaseModel], prefix: str) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, error["loc"][:-1])
+        return f"unknown key; expected one of: {', '.join(allowed)}" if allowed else "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    got = error.get("input")
+    shown = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
+    message = error["msg"][0].lower() + error["msg"][1:]
+    return f"{message}, got {shown}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        current = fields[part].annotation
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []

@@ -1,0 +1,178 @@
+"""WebDataset tar shards: per sample, its images, a JSON record and a text member.
+
+Members of a sample are `KEY.<ext>` for the first image, `KEY.<i>.<ext>` for
+image i >= 1, then `KEY.json` and `KEY.txt`, written contiguously. Readers split
+a member name at the first dot into key and extension, so keys contain no dots.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from typing import Any, ClassVar, Iterable, Iterator
+
+import pyarrow as pa
+
+from curate import schema
+from curate.sinks.base import Sink
+from curate.stage import Params
+
+MTIME = 0
+MODE = 0o644
+TAR_FORMAT = tarfile.GNU_FORMAT
+ROWS_PER_SLICE = 256
+
+
+class WebDatasetParams(Params):
+    """Which named caption becomes the `.txt` member of a pair."""
+
+    caption: str = "alt"
+
+
+class WebDatasetSink(Sink):
+    """Writes SAMPLE_SCHEMA tables to one deterministic WebDataset tar."""
+
+    name: ClassVar[str] = "webdataset"
+    Params: ClassVar[type[Params]] = WebDatasetParams
+    extension: ClassVar[str] = ".tar"
+
+    def write(self, tables: Iterable[pa.Table], path: str) -> int:
+        """Stream the samples of `tables` into the tar at `path`; return the sample count.
+
+        Raises ValueError for a key with a dot or slash, a sample without a usable
+        image, or samples whose member sets differ within the shard.
+        """
+        count = 0
+        suffixes: tuple[str, ...] | None = None
+        with tarfile.open(path, "w", format=TAR_FORMAT) as tar:
+            for row in iter_rows(tables):
+                members = sample_members(row, self.params.caption)
+                names = tuple(suffix for suffix, _ in members)
+                if suffixes is None:
+                    suffixes = names
+                elif names != suffixes:
+                    raise ValueError(
+                        f"sample {row['key']!r} has members {list(names)}, "
+                        f"earlier samples of this shard have {list(suffixes)}"
+                    )
+                for suffix, data in members:
+                    add_member(tar, f"{row['key']}.{suffix}", data)
+                count += 1
+        return count
+
+    def count_rows(self, path: str) -> int:
+        """The number of distinct sample keys among the tar's regular files."""
+        keys = set()
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    keys.add(member_key(member.name))
+        return len(keys)
+
+
+def iter_rows(tables: Iterable[pa.Table]) -> Iterator[dict[str, Any]]:
+    """The rows of `tables` as dicts, converting a bounded slice at a time."""
+    for table in tables:
+        for start in range(0, table.num_rows, ROWS_PER_SLICE):
+            yield from table.slice(start, ROWS_PER_SLICE).to_pylist()
+
+
+def sample_members(row: dict[str, Any], caption: str) -> list[tuple[str, bytes]]:
+    """The (suffix, bytes) members of one sample, in the order they are written."""
+    key = row["key"]
+    if not key or "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
+    members = image_members(row)
+    members.append(("json", sample_json(row)))
+    members.append(("txt", sample_text(row, caption).encode("utf-8")))
+    return members
+
+
+def image_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """`<ext>` for the first image, `<i>.<ext>` for the following ones."""
+    images = row["images"] or []
+    metas = row["image_meta"] or []
+    if not images:
+        raise ValueError(f"sample {row['key']!r} has no image")
+    members = []
+    for i, image in enumerate(images):
+        meta = metas[i] if i < len(metas) else None
+        ext = (meta or {}).get("format") or ""
+        if not ext.isalnum():
+            raise ValueError(f"sample {row['key']!r}: image {i} has no usable format ({ext!r})")
+        if not image or image.get("bytes") is None:
+            raise ValueError(f"sample {row['key']!r}: image {i} has no bytes")
+        suffix = ext.lower() if i == 0 else f"{i}.{ext.lower()}"
+        members.append((suffix, image["bytes"]))
+    return members
+
+
+def sample_text(row: dict[str, Any], caption: str) -> str:
+    """The `.txt` content: the caption (pair), all text segments (interleaved), the instruction (edit)."""
+    texts = [s["text"] for s in row["segments"] or [] if s and s.get("text") is not None]
+    if row["kind"] == "interleaved":
+        return "\n\n".join(texts)
+    if row["kind"] == "edit":
+        return texts[0] if texts else ""
+    return schema.caption_text(row["captions"], prefer=(caption,)) or ""
+
+
+def sample_json(row: dict[str, Any]) -> bytes:
+    """The `.json` record: everything about the sample except the image bytes."""
+    record = {
+        "key": row["key"],
+        "kind": row["kind"],
+        "captions": {c["name"]: c["text"] for c in row["captions"] or []},
+        "image_meta": row["image_meta"],
+        "scores": finite_or_none(row["scores"]),
+        "roles": row["roles"],
+        "source": row["source"],
+        "meta": parse_meta(row["meta"]),
+    }
+    if row["kind"] != "pair":
+        # Interleaved and edit samples need the segment order to place their images.
+        record["segments"] = row["segments"]
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8")
+
+
+def finite_or_none(scores: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`scores` with NaN and infinities replaced by None, which JSON can carry."""
+    if scores is None:
+        return None
+    return {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in scores.items()}
+
+
+def parse_meta(meta: str | None) -> Any:
+    """`meta` parsed as JSON when it is JSON, else the string itself."""
+    if meta is None:
+        return None
+    try:
+        return json.loads(meta, parse_constant=reject_constant)
+    except ValueError:
+        return meta
+
+
+def reject_constant(name: str) -> None:
+    """Refuse NaN and Infinity, which are not JSON."""
+    raise ValueError(f"not JSON: {name}")
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Append a regular file with fixed owner, mode and time."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = MTIME
+    info.mode = MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def member_key(name: str) -> str:
+    """The sample key of a member name, split as WebDataset does: at the first dot of the basename."""
+    directory, _, base = name.rpartition("/")
+    key = base.split(".", 1)[0]
+    return f"{directory}/{key}" if directory else key

@@ -1,0 +1,293 @@
+"""process_image: robustness on real-world oddities, orientation, colour, resize modes, determinism."""
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+from curate.fetch.config import EncodeParams, ResizeParams
+from curate.fetch.image import ImageError, process_image
+
+WEIRD = Path(__file__).parent / "data" / "weird-images"
+WEIRD_FILES = sorted(p.name for p in WEIRD.iterdir() if p.suffix not in (".txt", ".tsv"))
+MAX_PIXELS = 89_478_485
+# Files that must be rejected, with the reason (see weird-images/SOURCE.txt).
+EXPECTED_FAILURES = {
+    "avif_hopper.heif": "not_image",
+    "broken.png": "not_image",
+    "decompression_bomb.gif": "decompression_bomb",
+    "bmp_reallybig.bmp": "decompression_bomb",
+    "png_decompression_dos.png": "decompression_bomb",
+    "truncated_jpeg.jpg": "corrupt",
+    "truncated_image.png": "corrupt",
+    "truncated_end_chunk.png": "corrupt",
+    "broken_data_stream.png": "corrupt",
+    "bmp_shortfile.bmp": "corrupt",
+    "ultrahdr.jpg": "corrupt",
+}
+
+
+def weird(name):
+    return (WEIRD / name).read_bytes()
+
+
+def process(data, encode="png", max_pixels=MAX_PIXELS, **resize):
+    return process_image(data, ResizeParams(**resize), EncodeParams(format=encode), max_pixels)
+
+
+def decoded(result):
+    image = Image.open(io.BytesIO(result.data))
+    image.load()
+    return image
+
+
+def pixels(image):
+    return np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+def encoded(image, fmt="PNG", **save):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def noise_image(width=64, height=48, mode="RGB"):
+    rng = np.random.default_rng(7)
+    channels = len(mode)
+    return Image.fromarray(rng.integers(0, 256, (height, width, channels), dtype=np.uint8), mode)
+
+
+def test_weird_folder_is_complete():
+    assert len(WEIRD_FILES) == 56
+    assert (WEIRD / "SOURCE.txt").exists() and (WEIRD / "manifest.tsv").exists()
+
+
+@pytest.mark.parametrize("name", WEIRD_FILES)
+def test_weird_images(name):
+    data = weird(name)
+    if name in EXPECTED_FAILURES:
+        with pytest.raises(ImageError) as info:
+            process(data, size=256)
+        assert info.value.reason == EXPECTED_FAILURES[name]
+        assert info.value.detail
+        return
+    result = process(data, size=256, encode="jpg")
+    image = decoded(result)
+    assert image.format == "JPEG" and image.mode == "RGB"
+    assert image.size == (result.width, result.height)
+    assert max(result.width, result.height) <= 256
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert result.original_num_bytes == len(data)
+    assert result.num_bytes == len(result.data)
+    assert result.original_format
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_exif_orientation_is_applied(orientation):
+    reference = pixels(Image.open(WEIRD / "hopper.webp"))
+    data = weird(f"hopper_orientation_{orientation}.jpg")
+    upright = pixels(decoded(process(data, mode="none")))
+    as_stored = pixels(Image.open(io.BytesIO(data)))
+    assert np.abs(upright - reference).mean() < 10
+    assert np.abs(as_stored - reference).mean() > 30
+
+
+def test_webp_exif_orientation_is_applied():
+    reference = pixels(Image.open(WEIRD / "hopper.webp"))
+    upright = pixels(decoded(process(weird("hopper_orientation_6.webp"), mode="none")))
+    assert np.abs(upright - reference).mean() < 10
+
+
+def test_orientation_swaps_width_and_height():
+    result = process(weird("orientation_rectangle.jpg"), mode="none")
+    assert (result.width, result.height) == (1, 2)
+    assert (result.original_width, result.original_height) == (1, 2)
+    assert decoded(result).size == (1, 2)
+
+
+def test_original_size_is_as_displayed_after_resize():
+    photo = noise_image(200, 100)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW when displayed
+    result = process(encoded(photo, "JPEG", exif=exif.tobytes()), size=50)
+    assert (result.original_width, result.original_height) == (100, 200)
+    assert (result.width, result.height) == (25, 50)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_malformed_exif_does_not_crash():
+    data = encoded(noise_image(), "JPEG", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff\x01\x12")
+    result = process(data, mode="none")
+    assert (result.width, result.height) == (64, 48)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("truncated_jpeg.jpg", "corrupt"), ("broken.png", "not_image"), ("png_decompression_dos.png", "decompression_bomb")],
+)
+def test_broken_inputs(name, reason):
+    with pytest.raises(ImageError) as info:
+        process(weird(name))
+    assert info.value.reason == reason
+
+
+def test_max_pixels_is_checked_before_decoding():
+    with pytest.raises(ImageError) as info:
+        process(weird("hopper.webp"), max_pixels=128 * 128 - 1)
+    assert info.value.reason == "decompression_bomb"
+    assert process(weird("hopper.webp"), max_pixels=128 * 128).width == 128
+
+
+@pytest.mark.parametrize("data", [b"", b"<html><body>hello</body></html>", b"\x89PNG\r\n\x1a\n"])
+def test_not_an_image(data):
+    with pytest.raises(ImageError) as info:
+        process(data)
+    assert info.value.reason in ("not_image", "corrupt")
+
+
+def test_formats_outside_the_web_set_are_refused():
+    with pytest.raises(ImageError) as info:
+        process(encoded(noise_image(), "PPM"))
+    assert info.value.reason == "not_image"
+
+
+@pytest.mark.parametrize(
+    ("resize", "size"),
+    [
+        (dict(mode="keep_ratio", side="longest", size=32), (32, 24)),
+        (dict(mode="keep_ratio", side="shortest", size=24), (32, 24)),
+        (dict(mode="keep_ratio", side="longest", size=128), (64, 48)),
+        (dict(mode="keep_ratio", side="longest", size=128, only_if_bigger=False), (128, 96)),
+        (dict(mode="keep_ratio", side="shortest", size=96, only_if_bigger=False), (128, 96)),
+        (dict(mode="keep_ratio", side="shortest", size=48), (64, 48)),
+        (dict(mode="center_crop", size=32), (32, 32)),
+        (dict(mode="center_crop", size=128), (48, 48)),
+        (dict(mode="center_crop", size=128, only_if_bigger=False), (128, 128)),
+        (dict(mode="border", size=32), (32, 32)),
+        (dict(mode="border", size=128), (64, 64)),
+        (dict(mode="border", size=128, only_if_bigger=False), (128, 128)),
+        (dict(mode="none", size=8), (64, 48)),
+    ],
+)
+def test_resize_modes(resize, size):
+    result = process(encoded(noise_image()), **resize)
+    assert (result.width, result.height) == size
+    assert decoded(result).size == size
+    assert (result.original_width, result.original_height) == (64, 48)
+
+
+def test_border_pads_with_border_color():
+    image = Image.new("RGB", (64, 32), (0, 0, 255))
+    result = process(encoded(image), mode="border", size=32, border_color=(255, 0, 0))
+    out = decoded(result)
+    assert out.size == (32, 32)
+    assert out.getpixel((16, 0)) == (255, 0, 0)
+    assert out.getpixel((16, 31)) == (255, 0, 0)
+    assert out.getpixel((16, 16)) == (0, 0, 255)
+
+
+def test_center_crop_keeps_the_center():
+    image = Image.new("RGB", (96, 32), (255, 0, 0))
+    image.paste((0, 255, 0), (32, 0, 64, 32))
+    out = decoded(process(encoded(image), mode="center_crop", size=32))
+    assert out.size == (32, 32)
+    assert out.getpixel((0, 0)) == out.getpixel((31, 31)) == (0, 255, 0)
+
+
+def test_large_jpeg_is_resized_exactly():
+    result = process(encoded(noise_image(1000, 600), "JPEG"), size=100, encode="jpg")
+    assert (result.width, result.height) == (100, 60)
+    assert (result.original_width, result.original_height) == (1000, 600)
+
+
+@pytest.mark.parametrize("encode", ["jpg", "webp", "png"])
+def test_output_is_deterministic(encode):
+    data = weird("flower2.webp")
+    first = process(data, size=64, encode=encode)
+    second = process(data, size=64, encode=encode)
+    assert first.data == second.data
+    assert first.format == encode
+    assert decoded(first).format == {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}[encode]
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (48, 1))
+    source = Image.fromarray(ramp)
+    assert source.mode == "I;16"
+    data = encoded(source)
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    values = pixels(decoded(process(data, mode="none")))[:, :, 0]
+    assert 100 < values.mean() < 155
+    assert values.min() < 5 and values.max() > 250
+    assert len(np.unique(values)) > 32
+
+
+def test_transparency_is_composited_on_white():
+    image = Image.new("RGBA", (20, 10), (0, 0, 0, 0))
+    image.paste((0, 0, 0, 255), (0, 0, 10, 10))
+    out = decoded(process(encoded(image), mode="none"))
+    assert out.mode == "RGB"
+    assert out.getpixel((15, 5)) == (255, 255, 255)
+    assert out.getpixel((5, 5)) == (0, 0, 0)
+
+
+def test_palette_transparency_is_composited_on_white():
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0, 200, 0, 0])
+    image.info["transparency"] = 0
+    out = decoded(process(encoded(image, transparency=0), mode="none"))
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_cmyk_becomes_rgb():
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # red ink
+    out = decoded(process(encoded(cmyk, "JPEG", quality=95), mode="none"))
+    red, green, blue = pixels(out).mean(axis=(0, 1))
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_icc_profile_is_converted_to_srgb():
+    data = weird("icc_profile_big.jpg")
+    source = Image.open(io.BytesIO(data))
+    source.load()
+    expected = ImageCms.profileToProfile(
+        source, ImageCms.ImageCmsProfile(io.BytesIO(source.info["icc_profile"])), ImageCms.createProfile("sRGB")
+    )
+    out = pixels(decoded(process(data, mode="none")))
+    assert np.abs(out - pixels(expected)).mean() < 0.5
+    assert np.abs(out - pixels(source)).mean() > 3.0
+
+
+def test_broken_icc_profile_is_ignored():
+    image = noise_image()
+    result = process(encoded(image, icc_profile=b"not a profile"), mode="none")
+    assert np.array_equal(pixels(decoded(result)), pixels(image))
+
+
+def test_first_frame_of_animation():
+    frames = [Image.new("RGB", (8, 8), color) for color in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    result = process(buffer.getvalue(), mode="none")
+    assert result.original_format == "GIF"
+    red, green, blue = pixels(decoded(result)).mean(axis=(0, 1))
+    assert red > 200 and blue < 60
+
+
+def test_original_format_is_reported():
+    assert process(weird("sugarshack.mpo"), size=64).original_format == "MPO"
+    assert process(weird("hopper.webp"), size=64).original_format == "WEBP"
+
+
+def test_unexpected_errors_become_corrupt(monkeypatch):
+    def explode(*args, **kwargs):
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr(Image.Image, "save", explode)
+    with pytest.raises(ImageError) as info:
+        process(weird("hopper.webp"))
+    assert info.value.reason == "corrupt"
+    assert "encoder exploded" in info.value.detail
