@@ -1,0 +1,503 @@
+"""Download benchmark: curate vs img2dataset on the same URL list, served on loopback.
+
+Serves the demo's synthetic web (curate.demo.web, fixed seed) on 127.0.0.1 from a
+subprocess, then runs, one after the other and each as its own subprocess:
+
+  1. curate on a tiny URL list (start-up cost: Ray start, imports, shutdown),
+  2. img2dataset on the same tiny list,
+  3. curate on the full list, writing WebDataset,
+  4. img2dataset on the full list, writing WebDataset,
+
+with equivalent settings (resize keep-ratio longest side 512 only if bigger, JPEG
+quality 95, 2 processes x N threads, 2 retries, min side 32, max aspect ratio 4).
+For each run it measures wall seconds, the peak over time of the summed RSS (and
+PSS) of the tool's whole process tree (sampled from /proc), the CPU seconds of that
+tree, and reads the success counts from each tool's own outputs (curate:
+manifest.json; img2dataset: *_stats.json), cross-checked by counting the samples in
+the tars. Prints markdown tables, and writes them with the raw numbers as JSON.
+
+img2dataset runs from its own venv (see benchmarks/README.md):
+
+    python3 -m venv /tmp/bench-img2dataset-venv
+    /tmp/bench-img2dataset-venv/bin/pip install -r benchmarks/requirements-img2dataset.txt
+    .venv/bin/python benchmarks/bench_download.py
+
+Linux only (reads /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import io
+import json
+import os
+import pickle
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "pipelines" / "demo.yaml"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
+# Planted conditions whose images are scaled up by --scale (the others keep the
+# size that makes them what they are: tiny, extremely wide, or no image at all).
+SCALED_CONDITIONS = {"ok", "mismatched_caption", "near_duplicate", "server_error_then_ok", "opt_out"}
+TINY_ROWS = 10
+
+
+# --------------------------------------------------------------------------- web
+
+def build_web(images: int, seed: int, scale: float, cache_dir: Path):
+    """The synthetic web, images of the normal conditions scaled by `scale`; cached on disk."""
+    from PIL import Image
+
+    from curate.demo.web import build_synthetic_web
+
+    cache = cache_dir / f"web-n{images}-seed{seed}-scale{scale:g}.pickle"
+    if cache.exists():
+        with cache.open("rb") as f:
+            return pickle.load(f)
+    web = build_synthetic_web(n_images=images, seed=seed)
+    if scale != 1:
+        for row in web.rows:
+            if row["expect"] not in SCALED_CONDITIONS or row["duplicate_of"] and row["expect"] != "near_duplicate":
+                continue
+            route = web.routes[row["path"]]
+            with Image.open(io.BytesIO(route.body)) as im:
+                fmt = im.format
+                size = (round(im.width * scale), round(im.height * scale))
+                big = im.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+            out = io.BytesIO()
+            if fmt == "JPEG":
+                big.save(out, format="JPEG", quality=90)
+            else:
+                big.save(out, format="PNG", compress_level=6)
+            route.body = out.getvalue()
+            row["width"], row["height"] = size
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with cache.open("wb") as f:
+        pickle.dump(web, f)
+    return web
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Subprocess mode: build the web, serve it, write the URL lists, then obey stdin.
+
+    Prints one JSON line when ready. Commands on stdin: `reset` (forget every
+    route's hits, so fail-once routes fail once again), `stats`, EOF to stop.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.demo.server import LoopbackServer
+    from curate.demo.web import write_url_list
+
+    started = time.perf_counter()
+    web = build_web(args.images, args.seed, args.scale, Path(args.workdir))
+    build_seconds = time.perf_counter() - started
+    with LoopbackServer(web.routes) as server:
+        full = Path(args.workdir) / "urls.parquet"
+        tiny = Path(args.workdir) / "urls-tiny.parquet"
+        write_url_list(web, server.base_url, str(full))
+        table = pq.read_table(full)
+        ok_rows = [i for i, e in enumerate(table.column("expect").to_pylist()) if e == "ok"][:TINY_ROWS]
+        pq.write_table(table.take(pa.array(ok_rows)), tiny)
+        sides = sorted(max(r["width"], r["height"]) for r in web.rows if r["width"])
+        body_bytes = sum(len(r.body) for r in web.routes.values())
+        print(json.dumps({
+            "base_url": server.base_url, "full": str(full), "tiny": str(tiny), "rows": table.num_rows,
+            "build_seconds": round(build_seconds, 1), "served_mb": round(body_bytes / 2**20, 1),
+            "longest_side": {"min": sides[0], "median": sides[len(sides) // 2], "max": sides[-1]},
+            "share_over_512": round(sum(s > 512 for s in sides) / len(sides), 3),
+        }), flush=True)
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "reset":
+                with server._server.lock:  # noqa: SLF001 - the bench owns this server
+                    for route in server.routes.values():
+                        route.hits = 0
+                        route.request_headers.clear()
+                print("ok", flush=True)
+            elif command == "stats":
+                with server._server.lock:  # noqa: SLF001
+                    hits = sum(route.hits for route in server.routes.values())
+                print(json.dumps({"hits": hits}), flush=True)
+
+
+# ------------------------------------------------------------------ measurement
+
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """(ppid, starttime, utime+stime ticks) of `pid`, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[1]), int(fields[19]), int(fields[11]) + int(fields[12])
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
+class TreeSampler(threading.Thread):
+    """Samples the process tree under `root` every `interval` seconds.
+
+    A process once seen in the tree stays tracked (by pid and start time) even if it
+    is re-parented, e.g. a Ray process whose parent exited. RSS is summed every
+    sample; PSS (which splits shared pages, e.g. Ray's object store and shared
+    libraries, between the processes that map them) every `pss_every` samples.
+    """
+
+    def __init__(self, root: int, interval: float = 0.2, pss_every: int = 5):
+        super().__init__(daemon=True)
+        self.root, self.interval, self.pss_every = root, interval, pss_every
+        self.tracked: dict[tuple[int, int], int] = {}  # (pid, start) -> last cpu ticks
+        self.peak_rss = self.peak_pss = self.peak_procs = 0
+        self.samples = 0
+        self.timeline: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._t0 = time.perf_counter()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+        self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+    def sample(self) -> None:
+        stats: dict[int, tuple[int, int, int]] = {}
+        children: dict[int, list[int]] = collections.defaultdict(list)
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                st = _stat(int(name))
+                if st is not None:
+                    stats[int(name)] = st
+                    children[st[0]].append(int(name))
+        alive_tracked = {pid for (pid, start) in self.tracked if stats.get(pid, (0, -1))[1] == start}
+        todo = [self.root] + list(alive_tracked)
+        tree: set[int] = set()
+        while todo:
+            pid = todo.pop()
+            if pid in tree or pid not in stats:
+                continue
+            tree.add(pid)
+            todo.extend(children.get(pid, ()))
+        rss = 0
+        for pid in tree:
+            self.tracked[(pid, stats[pid][1])] = stats[pid][2]
+            rss += _rss(pid)
+        self.samples += 1
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_procs = max(self.peak_procs, len(tree))
+        self.timeline.append((round(time.perf_counter() - self._t0, 2), rss))
+        if self.samples % self.pss_every == 1:
+            self.peak_pss = max(self.peak_pss, sum(_pss(pid) for pid in tree))
+
+    def alive(self) -> list[int]:
+        out = []
+        for (pid, start) in self.tracked:
+            st = _stat(pid)
+            if st is not None and st[1] == start:
+                out.append(pid)
+        return out
+
+    def cpu_seconds(self) -> float:
+        return sum(self.tracked.values()) / TICKS
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def run_measured(name: str, command: list[str], env: dict[str, str], log: Path, timeout: float) -> dict[str, Any]:
+    """Run `command`, sampling its process tree; wait until every process of the tree is gone."""
+    load_before = loadavg()
+    with log.open("wb") as out:
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=REPO, start_new_session=True)
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            code = proc.wait()
+        wall = time.perf_counter() - started
+        # Count the tree's processes still exiting after the tool returned (e.g. Ray's).
+        deadline = time.monotonic() + 30
+        while sampler.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        settled = time.perf_counter() - started
+        lingering = sampler.alive()
+        sampler.stop()
+    for pid in lingering:  # only processes of this tree, by pid
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return {
+        "name": name, "command": command, "exit_code": code, "wall_s": round(wall, 2),
+        "until_tree_gone_s": round(settled, 2), "lingering_pids": lingering,
+        "peak_rss_mib": round(sampler.peak_rss / 2**20, 1), "peak_pss_mib": round(sampler.peak_pss / 2**20, 1),
+        "peak_processes": sampler.peak_procs, "cpu_s": round(sampler.cpu_seconds(), 1),
+        "samples": sampler.samples, "load_before": load_before, "load_after": loadavg(), "log": str(log),
+    }
+
+
+# ------------------------------------------------------------------- the tools
+
+def curate_command(args: argparse.Namespace, url_list: str, out: Path) -> list[str]:
+    return [
+        str(REPO / ".venv" / "bin" / "curate"), "run", str(RECIPE.relative_to(REPO)),
+        "--set", f"source.path={url_list}",
+        "--set", f"output.path={out}",
+        "--set", "output.formats=[webdataset]",
+        "--set", f"output.shard_rows={args.shard_rows}",
+        "--set", f"engine.rows_per_work_shard={args.shard_rows}",
+        "--set", f"stages.fetch.threads={args.threads}",
+        "--set", "stages.fetch.retries=2",
+        "--set", "stages.fetch.resize.mode=keep_ratio",
+        "--set", "stages.fetch.resize.side=longest",
+        "--set", "stages.fetch.resize.size=512",
+        "--set", "stages.fetch.resize.only_if_bigger=true",
+        "--set", "stages.fetch.encode.format=jpg",
+        "--set", "stages.fetch.encode.quality=95",
+        "--overwrite", "--no-progress",
+    ]
+
+
+def img2dataset_command(args: argparse.Namespace, url_list: str, out: Path) -> list[str]:
+    return [
+        str(Path(args.img2dataset_venv) / "bin" / "img2dataset"),
+        "--url_list", url_list, "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
+        "--output_format", "webdataset", "--output_folder", str(out),
+        "--processes_count", str(args.processes), "--thread_count", str(args.threads),
+        "--number_sample_per_shard", str(args.shard_rows),
+        "--resize_mode", "keep_ratio_largest", "--image_size", "512", "--resize_only_if_bigger", "True",
+        "--encode_format", "jpg", "--encode_quality", "95",
+        "--retries", "2", "--min_image_size", "32", "--max_aspect_ratio", "4",
+        "--enable_wandb", "False", "--incremental_mode", "overwrite",
+    ]
+
+
+def tar_urls(out: Path, url_of) -> list[str]:
+    """The URL of every sample in the output's tars (read from each sample's .json)."""
+    urls = []
+    for path in sorted(glob.glob(str(out / "**" / "*.tar"), recursive=True)):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    urls.append(url_of(json.load(tar.extractfile(member))))
+    return urls
+
+
+def curate_results(out: Path) -> dict[str, Any]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {
+        "input_rows": manifest["reconciliation"]["input_rows"],
+        "successes": manifest["outputs"]["rows"],
+        "drops_by_reason": manifest["drop_log"]["by_reason"],
+        "internal_seconds": manifest["seconds"],
+        "urls": tar_urls(out, lambda record: record["image_meta"][0]["url"]),
+    }
+
+
+def img2dataset_results(out: Path) -> dict[str, Any]:
+    count = successes = 0
+    reasons: collections.Counter = collections.Counter()
+    for path in glob.glob(str(out / "*_stats.json")):
+        stats = json.loads(Path(path).read_text())
+        count += stats["count"]
+        successes += stats["successes"]
+        reasons.update({k: v for k, v in stats["status_dict"].items() if k != "success"})
+    return {
+        "input_rows": count, "successes": successes, "drops_by_reason": dict(sorted(reasons.items())),
+        "urls": tar_urls(out, lambda record: record["url"]),
+    }
+
+
+# ---------------------------------------------------------------------- report
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "n/a"
+
+
+def report(meta: dict[str, Any], runs: dict[str, dict[str, Any]], expects: dict[str, str]) -> str:
+    c, i = runs["curate"], runs["img2dataset"]
+    ct, it = runs.get("curate_tiny"), runs.get("img2dataset_tiny")
+    lines = [
+        f"URL list: {meta['rows']} rows (seed {meta['seed']}), {meta['served_mb']} MiB served on loopback; "
+        f"longest side min/median/max {meta['longest_side']['min']}/{meta['longest_side']['median']}/"
+        f"{meta['longest_side']['max']} px, {meta['share_over_512']:.0%} over 512 px",
+        "",
+        "| full run | curate | img2dataset | curate / img2dataset |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+
+    def row(label, a, b, fmt="{:,.1f}", show_ratio=True):
+        lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio(a, b) if show_ratio else ''} |")
+
+    row("samples written (tool's own count)", c["successes"], i["successes"], "{:,}")
+    row("samples in the tars", len(c["urls"]), len(i["urls"]), "{:,}")
+    row("wall time, s", c["wall_s"], i["wall_s"])
+    row("images/s (written / wall)", c["successes"] / c["wall_s"], i["successes"] / i["wall_s"])
+    row("peak RSS, summed over process tree, MiB", c["peak_rss_mib"], i["peak_rss_mib"], "{:,.0f}")
+    row("peak PSS, summed over process tree, MiB", c["peak_pss_mib"], i["peak_pss_mib"], "{:,.0f}")
+    row("peak processes in tree", c["peak_processes"], i["peak_processes"], "{:,}")
+    row("CPU time of the tree, s", c["cpu_s"], i["cpu_s"])
+    if ct and it:
+        lines += ["", f"| start-up run ({TINY_ROWS} URLs) | curate | img2dataset | curate / img2dataset |",
+                  "| --- | ---: | ---: | ---: |"]
+        row("wall time, s", ct["wall_s"], it["wall_s"])
+        row("peak RSS, summed over process tree, MiB", ct["peak_rss_mib"], it["peak_rss_mib"], "{:,.0f}")
+        row("peak PSS, summed over process tree, MiB", ct["peak_pss_mib"], it["peak_pss_mib"], "{:,.0f}")
+        row("CPU time of the tree, s", ct["cpu_s"], it["cpu_s"])
+        cn, inet = c["wall_s"] - ct["wall_s"], i["wall_s"] - it["wall_s"]
+        lines += ["", "| full run minus start-up run | curate | img2dataset | curate / img2dataset |",
+                  "| --- | ---: | ---: | ---: |"]
+        row("wall time, s", cn, inet)
+        row("images/s", c["successes"] / cn, i["successes"] / inet)
+
+    lines += ["", "| planted condition | rows | curate kept | img2dataset kept |", "| --- | ---: | ---: | ---: |"]
+    planted = collections.Counter(expects.values())
+    kept_c = collections.Counter(expects.get(u, "?") for u in c["urls"])
+    kept_i = collections.Counter(expects.get(u, "?") for u in i["urls"])
+    for cond in sorted(planted, key=lambda k: (-planted[k], k)):
+        lines.append(f"| {cond} | {planted[cond]:,} | {kept_c[cond]:,} | {kept_i[cond]:,} |")
+
+    lines += ["", "Drops by reason:", f"- curate: {c['drops_by_reason']}", f"- img2dataset: {i['drops_by_reason']}"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=3000, help="rows of the synthetic URL list")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=2.0,
+                        help="scale factor for the normal images (the demo draws 96-640 px)")
+    parser.add_argument("--threads", type=int, default=16, help="download threads per process, both tools")
+    parser.add_argument("--processes", type=int, default=2, help="img2dataset processes (curate: one per CPU)")
+    parser.add_argument("--shard-rows", type=int, default=500, help="rows per work unit and per output shard")
+    parser.add_argument("--img2dataset-venv", default="/tmp/bench-img2dataset-venv")
+    parser.add_argument("--workdir", default="/tmp/curate-bench-download")
+    parser.add_argument("--skip-startup", action="store_true", help="skip the tiny start-up runs")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per tool run")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve:
+        serve(args)
+        return 0
+    i2d = Path(args.img2dataset_venv) / "bin" / "img2dataset"
+    if not i2d.exists():
+        print(f"img2dataset not found at {i2d}; see benchmarks/README.md", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    print(f"uptime before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}", flush=True)
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--images", str(args.images), "--seed", str(args.seed),
+         "--scale", str(args.scale), "--workdir", str(workdir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        meta = json.loads(server.stdout.readline())
+        meta["seed"] = args.seed
+        print(f"synthetic web ready in {meta['build_seconds']} s: {meta}", flush=True)
+
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "VIRTUAL_ENV", "PYTHONPATH")}
+        env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
+                   NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", WANDB_SILENT="true")
+        plan = [("curate", "full", curate_command, curate_results),
+                ("img2dataset", "full", img2dataset_command, img2dataset_results)]
+        if not args.skip_startup:
+            plan = [("curate_tiny", "tiny", curate_command, None),
+                    ("img2dataset_tiny", "tiny", img2dataset_command, None)] + plan
+        runs: dict[str, dict[str, Any]] = {}
+        for name, which, command_of, results_of in plan:
+            out = workdir / f"out-{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            server.stdin.write("reset\n")
+            server.stdin.flush()
+            assert server.stdout.readline().strip() == "ok"
+            command = command_of(args, meta[which], out)
+            print(f"\n$ {shlex.join(command)}", flush=True)
+            run = run_measured(name, command, env, workdir / f"{name}.log", args.timeout)
+            if run["exit_code"] != 0:
+                print(f"{name} failed (exit {run['exit_code']}); log: {run['log']}", file=sys.stderr)
+                print(Path(run["log"]).read_text()[-3000:], file=sys.stderr)
+                return 1
+            if results_of is not None:
+                run.update(results_of(out))
+            summary = {k: v for k, v in run.items() if k not in ("command", "urls")}
+            print(json.dumps(summary), flush=True)
+            runs[name] = run
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(meta["full"], columns=["url", "expect"])
+    expects = dict(zip(table.column("url").to_pylist(), table.column("expect").to_pylist()))
+    # Rows repeating an earlier URL share it; count the repeat under its own condition.
+    for url, expect in zip(table.column("url").to_pylist(), table.column("expect").to_pylist()):
+        expects.setdefault(url, expect)
+    text = report(meta, runs, expects)
+    uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    machine = (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+               f"{os.sysconf('SC_PHYS_PAGES') * PAGE / 2**30:.1f} GiB RAM, Python {platform.python_version()}")
+    print("\n" + text)
+    print(f"\nmachine: {machine}\nuptime after: {uptime_after}")
+    print(f"load average (1/5/15 min) before/after each run: "
+          + "; ".join(f"{n}: {r['load_before']} -> {r['load_after']}" for n, r in runs.items()))
+    print(f"benchmark total: {time.perf_counter() - started:.0f} s")
+    result = {"meta": meta, "machine": machine, "args": vars(args),
+              "runs": {n: {k: v for k, v in r.items() if k != "urls"} for n, r in runs.items()},
+              "report": text}
+    (workdir / "results.json").write_text(json.dumps(result, indent=1))
+    print(f"raw numbers: {workdir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
