@@ -38,6 +38,7 @@ import platform
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -71,7 +72,7 @@ def build_web(images: int, seed: int, scale: float, cache_dir: Path):
     web = build_synthetic_web(n_images=images, seed=seed)
     if scale != 1:
         for row in web.rows:
-            if row["expect"] not in SCALED_CONDITIONS or row["duplicate_of"] and row["expect"] != "near_duplicate":
+            if row["expect"] not in SCALED_CONDITIONS:
                 continue
             route = web.routes[row["path"]]
             with Image.open(io.BytesIO(route.body)) as im:
@@ -113,7 +114,7 @@ def serve(args: argparse.Namespace) -> None:
         table = pq.read_table(full)
         ok_rows = [i for i, e in enumerate(table.column("expect").to_pylist()) if e == "ok"][:TINY_ROWS]
         pq.write_table(table.take(pa.array(ok_rows)), tiny)
-        sides = sorted(max(r["width"], r["height"]) for r in web.rows if r["width"])
+        sides = sorted(max(r["width"], r["height"]) for r in web.rows if r["width"] and r["expect"] != "duplicate_url")
         body_bytes = sum(len(r.body) for r in web.routes.values())
         print(json.dumps({
             "base_url": server.base_url, "full": str(full), "tiny": str(tiny), "rows": table.num_rows,
@@ -183,17 +184,17 @@ class TreeSampler(threading.Thread):
         self.peak_rss = self.peak_pss = self.peak_procs = 0
         self.samples = 0
         self.timeline: list[tuple[float, int]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._t0 = time.perf_counter()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.sample()
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
         self.sample()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
     def sample(self) -> None:
@@ -310,7 +311,7 @@ def img2dataset_command(args: argparse.Namespace, url_list: str, out: Path) -> l
         "--resize_mode", "keep_ratio_largest", "--image_size", "512", "--resize_only_if_bigger", "True",
         "--encode_format", "jpg", "--encode_quality", "95",
         "--retries", "2", "--min_image_size", "32", "--max_aspect_ratio", "4",
-        "--enable_wandb", "False", "--incremental_mode", "overwrite",
+        "--enable_wandb", "False",
     ]
 
 
@@ -356,50 +357,82 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b else "n/a"
 
 
-def report(meta: dict[str, Any], runs: dict[str, dict[str, Any]], expects: dict[str, str]) -> str:
+def kept_by_condition(urls: list[str], expects: dict[str, list[str]]) -> collections.Counter:
+    """Written samples by planted condition; a URL listed k times counts its samples against its rows in order."""
+    kept: collections.Counter = collections.Counter()
+    for url, count in collections.Counter(urls).items():
+        conditions = expects.get(url, [])
+        for n in range(count):
+            kept[conditions[n] if n < len(conditions) else "unknown"] += 1
+    return kept
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def report(meta: dict[str, Any], runs: dict[str, list[dict[str, Any]]], expects: dict[str, list[str]]) -> str:
+    """Markdown tables: medians over the repeats, the spread of wall time, correctness of the first run."""
     c, i = runs["curate"], runs["img2dataset"]
     ct, it = runs.get("curate_tiny"), runs.get("img2dataset_tiny")
+    n = len(c)
     lines = [
-        f"URL list: {meta['rows']} rows (seed {meta['seed']}), {meta['served_mb']} MiB served on loopback; "
+        f"URL list: {meta['rows']:,} rows (seed {meta['seed']}), {meta['served_mb']} MiB served on loopback; "
         f"longest side min/median/max {meta['longest_side']['min']}/{meta['longest_side']['median']}/"
-        f"{meta['longest_side']['max']} px, {meta['share_over_512']:.0%} over 512 px",
+        f"{meta['longest_side']['max']} px, {meta['share_over_512']:.0%} over 512 px. Medians of {n} runs "
+        "of each tool (wall time: median, then min-max).",
         "",
         "| full run | curate | img2dataset | curate / img2dataset |",
         "| --- | ---: | ---: | ---: |",
     ]
 
-    def row(label, a, b, fmt="{:,.1f}", show_ratio=True):
-        lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio(a, b) if show_ratio else ''} |")
+    def row(label, a_runs, b_runs, value, fmt="{:,.1f}", spread=False):
+        a, b = median([value(r) for r in a_runs]), median([value(r) for r in b_runs])
+        cells = []
+        for number, group in ((a, a_runs), (b, b_runs)):
+            text = fmt.format(number)
+            if spread and len(group) > 1:
+                values = [value(r) for r in group]
+                text += f" ({fmt.format(min(values))}-{fmt.format(max(values))})"
+            cells.append(text)
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {ratio(a, b)} |")
 
-    row("samples written (tool's own count)", c["successes"], i["successes"], "{:,}")
-    row("samples in the tars", len(c["urls"]), len(i["urls"]), "{:,}")
-    row("wall time, s", c["wall_s"], i["wall_s"])
-    row("images/s (written / wall)", c["successes"] / c["wall_s"], i["successes"] / i["wall_s"])
-    row("peak RSS, summed over process tree, MiB", c["peak_rss_mib"], i["peak_rss_mib"], "{:,.0f}")
-    row("peak PSS, summed over process tree, MiB", c["peak_pss_mib"], i["peak_pss_mib"], "{:,.0f}")
-    row("peak processes in tree", c["peak_processes"], i["peak_processes"], "{:,}")
-    row("CPU time of the tree, s", c["cpu_s"], i["cpu_s"])
+    row("samples written (tool's own count)", c, i, lambda r: r["successes"], "{:,.0f}")
+    row("samples in the tars", c, i, lambda r: len(r["urls"]), "{:,.0f}")
+    row("wall time, s", c, i, lambda r: r["wall_s"], spread=True)
+    row("images/s (written / wall)", c, i, lambda r: r["successes"] / r["wall_s"])
+    row("peak RSS, summed over process tree, MiB", c, i, lambda r: r["peak_rss_mib"], "{:,.0f}")
+    row("peak PSS, summed over process tree, MiB", c, i, lambda r: r["peak_pss_mib"], "{:,.0f}")
+    row("peak processes in tree", c, i, lambda r: r["peak_processes"], "{:,.0f}")
+    row("CPU time of the tree, s", c, i, lambda r: r["cpu_s"])
+    row("HTTP requests served", c, i, lambda r: r["server_requests"], "{:,.0f}")
+    row("CPU time of the loopback server, s", c, i, lambda r: r["server_cpu_s"])
     if ct and it:
         lines += ["", f"| start-up run ({TINY_ROWS} URLs) | curate | img2dataset | curate / img2dataset |",
                   "| --- | ---: | ---: | ---: |"]
-        row("wall time, s", ct["wall_s"], it["wall_s"])
-        row("peak RSS, summed over process tree, MiB", ct["peak_rss_mib"], it["peak_rss_mib"], "{:,.0f}")
-        row("peak PSS, summed over process tree, MiB", ct["peak_pss_mib"], it["peak_pss_mib"], "{:,.0f}")
-        row("CPU time of the tree, s", ct["cpu_s"], it["cpu_s"])
-        cn, inet = c["wall_s"] - ct["wall_s"], i["wall_s"] - it["wall_s"]
-        lines += ["", "| full run minus start-up run | curate | img2dataset | curate / img2dataset |",
-                  "| --- | ---: | ---: | ---: |"]
-        row("wall time, s", cn, inet)
-        row("images/s", c["successes"] / cn, i["successes"] / inet)
+        row("wall time, s", ct, it, lambda r: r["wall_s"], spread=True)
+        row("peak RSS, summed over process tree, MiB", ct, it, lambda r: r["peak_rss_mib"], "{:,.0f}")
+        row("peak PSS, summed over process tree, MiB", ct, it, lambda r: r["peak_pss_mib"], "{:,.0f}")
+        row("peak processes in tree", ct, it, lambda r: r["peak_processes"], "{:,.0f}")
+        row("CPU time of the tree, s", ct, it, lambda r: r["cpu_s"])
+        c_net = median([r["wall_s"] for r in c]) - median([r["wall_s"] for r in ct])
+        i_net = median([r["wall_s"] for r in i]) - median([r["wall_s"] for r in it])
+        c_ok, i_ok = median([r["successes"] for r in c]), median([r["successes"] for r in i])
+        lines += ["", "| full run minus start-up run (medians) | curate | img2dataset | curate / img2dataset |",
+                  "| --- | ---: | ---: | ---: |",
+                  f"| wall time, s | {c_net:.1f} | {i_net:.1f} | {ratio(c_net, i_net)} |",
+                  f"| images/s | {c_ok / c_net:.1f} | {i_ok / i_net:.1f} | {ratio(c_ok / c_net, i_ok / i_net)} |"]
 
     lines += ["", "| planted condition | rows | curate kept | img2dataset kept |", "| --- | ---: | ---: | ---: |"]
-    planted = collections.Counter(expects.values())
-    kept_c = collections.Counter(expects.get(u, "?") for u in c["urls"])
-    kept_i = collections.Counter(expects.get(u, "?") for u in i["urls"])
+    planted = collections.Counter(e for conditions in expects.values() for e in conditions)
+    kept_c, kept_i = kept_by_condition(c[0]["urls"], expects), kept_by_condition(i[0]["urls"], expects)
     for cond in sorted(planted, key=lambda k: (-planted[k], k)):
         lines.append(f"| {cond} | {planted[cond]:,} | {kept_c[cond]:,} | {kept_i[cond]:,} |")
-
-    lines += ["", "Drops by reason:", f"- curate: {c['drops_by_reason']}", f"- img2dataset: {i['drops_by_reason']}"]
+    same = {tool: len({(r["successes"], tuple(sorted(r["urls"]))) for r in group}) == 1
+            for tool, group in (("curate", c), ("img2dataset", i))}
+    lines += ["", f"Same samples in every run: curate {same['curate']}, img2dataset {same['img2dataset']}.",
+              "", "Drops by reason (first run):",
+              f"- curate: {c[0]['drops_by_reason']}", f"- img2dataset: {i[0]['drops_by_reason']}"]
     return "\n".join(lines)
 
 
@@ -416,6 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard-rows", type=int, default=500, help="rows per work unit and per output shard")
     parser.add_argument("--img2dataset-venv", default="/tmp/bench-img2dataset-venv")
     parser.add_argument("--workdir", default="/tmp/curate-bench-download")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each tool; the tables show medians")
     parser.add_argument("--skip-startup", action="store_true", help="skip the tiny start-up runs")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per tool run")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -447,30 +481,37 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "VIRTUAL_ENV", "PYTHONPATH")}
         env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
                    NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", WANDB_SILENT="true")
-        plan = [("curate", "full", curate_command, curate_results),
-                ("img2dataset", "full", img2dataset_command, img2dataset_results)]
-        if not args.skip_startup:
-            plan = [("curate_tiny", "tiny", curate_command, None),
-                    ("img2dataset_tiny", "tiny", img2dataset_command, None)] + plan
-        runs: dict[str, dict[str, Any]] = {}
-        for name, which, command_of, results_of in plan:
-            out = workdir / f"out-{name}"
-            shutil.rmtree(out, ignore_errors=True)
-            server.stdin.write("reset\n")
-            server.stdin.flush()
-            assert server.stdout.readline().strip() == "ok"
-            command = command_of(args, meta[which], out)
-            print(f"\n$ {shlex.join(command)}", flush=True)
-            run = run_measured(name, command, env, workdir / f"{name}.log", args.timeout)
-            if run["exit_code"] != 0:
-                print(f"{name} failed (exit {run['exit_code']}); log: {run['log']}", file=sys.stderr)
-                print(Path(run["log"]).read_text()[-3000:], file=sys.stderr)
-                return 1
-            if results_of is not None:
-                run.update(results_of(out))
-            summary = {k: v for k, v in run.items() if k not in ("command", "urls")}
-            print(json.dumps(summary), flush=True)
-            runs[name] = run
+        tools = {"curate": (curate_command, curate_results), "img2dataset": (img2dataset_command, img2dataset_results)}
+        runs: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+        for repeat in range(args.repeat):
+            # Alternate which tool goes first, so that drift in the machine's load hits both alike.
+            order = ["curate", "img2dataset"] if repeat % 2 == 0 else ["img2dataset", "curate"]
+            sizes = ["full"] if args.skip_startup else ["tiny", "full"]
+            for which in sizes:
+                for tool in order:
+                    name = tool if which == "full" else f"{tool}_tiny"
+                    command_of, results_of = tools[tool]
+                    out = workdir / f"out-{name}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    server.stdin.write("reset\n")
+                    server.stdin.flush()
+                    assert server.stdout.readline().strip() == "ok"
+                    command = command_of(args, meta[which], out)
+                    print(f"\n[{repeat + 1}/{args.repeat}] $ {shlex.join(command)}", flush=True)
+                    server_cpu = _stat(server.pid)[2]
+                    run = run_measured(name, command, env, workdir / f"{name}.log", args.timeout)
+                    run["server_cpu_s"] = round((_stat(server.pid)[2] - server_cpu) / TICKS, 1)
+                    server.stdin.write("stats\n")
+                    server.stdin.flush()
+                    run["server_requests"] = json.loads(server.stdout.readline())["hits"]
+                    if run["exit_code"] != 0:
+                        print(f"{name} failed (exit {run['exit_code']}); log: {run['log']}", file=sys.stderr)
+                        print(Path(run["log"]).read_text()[-3000:], file=sys.stderr)
+                        return 1
+                    if which == "full":
+                        run.update(results_of(out))
+                    print(json.dumps({k: v for k, v in run.items() if k not in ("command", "urls")}), flush=True)
+                    runs[name].append(run)
     finally:
         server.stdin.close()
         server.wait(timeout=30)
@@ -478,10 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
     table = pq.read_table(meta["full"], columns=["url", "expect"])
-    expects = dict(zip(table.column("url").to_pylist(), table.column("expect").to_pylist()))
-    # Rows repeating an earlier URL share it; count the repeat under its own condition.
+    expects: dict[str, list[str]] = collections.defaultdict(list)  # url -> conditions of its rows, in order
     for url, expect in zip(table.column("url").to_pylist(), table.column("expect").to_pylist()):
-        expects.setdefault(url, expect)
+        expects[url].append(expect)
     text = report(meta, runs, expects)
     uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     machine = (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
@@ -489,10 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     print(f"\nmachine: {machine}\nuptime after: {uptime_after}")
     print(f"load average (1/5/15 min) before/after each run: "
-          + "; ".join(f"{n}: {r['load_before']} -> {r['load_after']}" for n, r in runs.items()))
+          + "; ".join(f"{r['name']}: {r['load_before']} -> {r['load_after']}" for rs in runs.values() for r in rs))
     print(f"benchmark total: {time.perf_counter() - started:.0f} s")
     result = {"meta": meta, "machine": machine, "args": vars(args),
-              "runs": {n: {k: v for k, v in r.items() if k != "urls"} for n, r in runs.items()},
+              "runs": {n: [{k: v for k, v in r.items() if k != "urls"} for r in rs] for n, rs in runs.items()},
               "report": text}
     (workdir / "results.json").write_text(json.dumps(result, indent=1))
     print(f"raw numbers: {workdir / 'results.json'}")

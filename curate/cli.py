@@ -27,8 +27,8 @@ def _fail(message: str, code: int = 2) -> None:
 def _run_recipe(recipe: str, overrides: list[str], address: Optional[str], dry_run: bool, overwrite: bool,
                 verbose: bool, progress: bool) -> Optional[dict]:
     from curate.engine.run import compile_plan, execute
-    from curate.engine.worker import StageFailure
     from curate.recipe import load_recipe
+    from curate.stage import StageFailure
 
     try:
         plan = compile_plan(load_recipe(recipe, overrides))

@@ -28,16 +28,18 @@ PIPELINE_DIRS = (PROJECT_ROOT / "pipelines", PACKAGE_ROOT / "_bundled" / "pipeli
 
 
 class OutputSpec(BaseModel):
-    """Where and how output shards are written."""
+    """Where and how output shards are written.
 
-    model_config = ConfigDict(extra="forbid")
+    Besides the fields below, a key named after a sink (``parquet:``, ``webdataset:``)
+    holds that sink's parameters; any other key is an error.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     path: str
     formats: list[str] = Field(default_factory=lambda: ["parquet", "webdataset"], min_length=1)
     shard_rows: int | None = Field(10_000, ge=1)  # a shard closes at this many samples...
     shard_bytes: int | None = Field(512 * 1024 * 1024, ge=1)  # ...or this many image bytes
-    parquet: dict[str, Any] = Field(default_factory=dict)  # ParquetSink params
-    webdataset: dict[str, Any] = Field(default_factory=dict)  # WebDatasetSink params
 
 
 class EngineSpec(BaseModel):
@@ -47,9 +49,17 @@ class EngineSpec(BaseModel):
 
     address: str | None = None  # Ray cluster address; None = local Ray (or RAY_ADDRESS)
     rows_per_work_shard: int = Field(1000, ge=1)
+    batch_rows: int = Field(256, ge=1)  # rows a stage gets per call
     workers: int | Literal["auto"] = "auto"
+    # drop: a sample whose processing raises is dropped (reason stage_error), unless the whole batch fails;
+    # raise: any exception stops the run.
     on_sample_error: Literal["drop", "raise"] = "drop"
     keep_work: bool = False  # keep the work shards after a successful run
+
+
+# Settings that change how a run executes but not what it produces: left out of the recipe hash,
+# so a run can be resumed with more workers, on a cluster, or from a moved output folder.
+EXECUTION_ONLY = {"output": ("path",), "engine": ("address", "workers", "keep_work")}
 
 
 class Recipe(BaseModel):
@@ -88,12 +98,21 @@ class LoadedRecipe:
         return data
 
     def sha256(self) -> str:
-        """Hash of the resolved recipe: equal hashes mean the same work."""
-        canonical = json.dumps(self.resolved(), sort_keys=True, separators=(",", ":"))
+        """Hash of what the recipe produces: equal hashes mean the same work.
+
+        Execution-only settings are left out and the source path is made absolute.
+        """
+        identity = self.resolved()
+        for section, keys in EXECUTION_ONLY.items():
+            for key in keys:
+                identity[section].pop(key, None)
+        if isinstance(identity["source"].get("path"), str):
+            identity["source"]["path"] = str((self.directory / Path(identity["source"]["path"]).expanduser()).resolve())
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def output_path(self) -> Path:
-        """The output folder, relative paths taken from the current directory."""
+        """The output folder; a relative path is taken from the current directory."""
         return Path(self.recipe.output.path).expanduser().resolve()
 
 
@@ -198,6 +217,8 @@ def _apply_override(data: dict[str, Any], override: str, file: Path) -> None:
     except yaml.YAMLError:
         value = raw_value
     keys = key_path.strip().split(".")
+    if keys[-1] == "path" and isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        value = str(Path(value).expanduser().resolve())  # paths given on the command line: from the cwd
     node = data
     for depth, key in enumerate(keys[:-1]):
         child = node.get(key)
@@ -228,14 +249,19 @@ def _validate(data: dict[str, Any], file: Path) -> LoadedRecipe:
         stage_cls = registry.load(registry.STAGES, name)
         stage_params[name] = _check(stage_cls.Params, params or {}, file, prefix=f"stages.{name}")
 
+    sink_settings = recipe.output.model_extra or {}
+    for key in sink_settings:
+        if key not in registry.SINKS:
+            allowed = sorted(set(OutputSpec.model_fields) | set(registry.SINKS))
+            raise RecipeError(f"unknown key; expected one of: {', '.join(allowed)}", file=str(file),
+                              path=f"output.{key}")
     sink_params: dict[str, Params] = {}
     for index, name in enumerate(recipe.output.formats):
         if name not in registry.SINKS:
             raise RecipeError(f"expected one of {sorted(registry.SINKS)}, got {name!r}", file=str(file),
                               path=f"output.formats.{index}")
         sink_cls = registry.load(registry.SINKS, name)
-        sink_params[name] = _check(sink_cls.Params, getattr(recipe.output, name, {}) or {}, file,
-                                   prefix=f"output.{name}")
+        sink_params[name] = _check(sink_cls.Params, sink_settings.get(name) or {}, file, prefix=f"output.{name}")
     return LoadedRecipe(recipe, file, source_params, stage_params, sink_params)
 
 

@@ -24,7 +24,12 @@ SINKS: dict[str, str] = {
 }
 
 
+def import_target(target: str) -> Any:
+    """Import and return `module:attribute`."""
+    module_name, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
 def load(table: dict[str, str], name: str) -> Any:
     """Import and return the class registered under `name` in `table`."""
-    module_name, _, attribute = table[name].partition(":")
-    return getattr(importlib.import_module(module_name), attribute)
+    return import_target(table[name])

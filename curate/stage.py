@@ -16,7 +16,7 @@ the work shard.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
@@ -57,6 +57,10 @@ class RecipeError(Exception):
         return f"{where}: {self.message}" if where else self.message
 
 
+class StageFailure(RuntimeError):
+    """A stage failed as a whole (not one sample): the run stops, naming the phase and work shard."""
+
+
 @dataclass
 class StageContext:
     """What the engine tells a stage about the run it is part of."""
@@ -93,10 +97,6 @@ class Stage:
 
     def teardown(self) -> None:
         """Release what `setup` acquired."""
-
-    def describe(self) -> dict[str, Any]:
-        """What the manifest records about this stage's configuration."""
-        return {"name": self.name, "phase": self.phase, "params": self.params.model_dump(mode="json")}
 
 
 def with_drops(batch: pa.Table, reasons: list[str | None], details: list[str | None] | None = None) -> pa.Table:

@@ -42,7 +42,12 @@ def test_unknown_sizes_are_not_checked():
 
 
 def test_aspect_ratio_either_orientation_and_limit_kept():
-    rows = [pair(sizes=[(500, 100)]), pair(sizes=[(100, 501)]), pair(sizes=[(501, 100)]), pair(sizes=[(100, 100), (100, 600)])]
+    rows = [
+        pair(sizes=[(500, 100)]),
+        pair(sizes=[(100, 501)]),
+        pair(sizes=[(501, 100)]),
+        pair(sizes=[(100, 100), (100, 600)]),
+    ]
     assert run(rows, max_aspect_ratio=5.0) == [
         (None, None),
         ("aspect_ratio", "aspect ratio 5.01 > 5"),
@@ -52,7 +57,9 @@ def test_aspect_ratio_either_orientation_and_limit_kept():
 
 
 def test_too_small_wins_over_aspect_ratio_and_caption():
-    assert run([pair(caption="", sizes=[(10, 100)])], min_side=32, max_aspect_ratio=2.0) == [("too_small", "min side 10 < 32")]
+    assert run([pair(caption="", sizes=[(10, 100)])], min_side=32, max_aspect_ratio=2.0) == [
+        ("too_small", "min side 10 < 32")
+    ]
 
 
 @pytest.mark.parametrize("caption", [None, "", "   \n"])
@@ -100,15 +107,19 @@ def test_other_kinds_use_all_text_segments():
 
 
 def test_earlier_drop_reason_is_kept():
-    batch = from_rows([pair(caption="")]).append_column("drop_reason", pa.array(["http_404"])).append_column(
-        "drop_detail", pa.array(["not found"])
+    batch = (
+        from_rows([pair(caption="")])
+        .append_column("drop_reason", pa.array(["http_404"]))
+        .append_column("drop_detail", pa.array(["not found"]))
     )
     out = BasicFilter(BasicFilterParams()).process(batch)
     assert out.column("drop_reason").to_pylist() == ["http_404"]
 
 
 def test_image_extremes_over_chunks():
-    batch = pa.concat_tables([from_rows([pair(sizes=[(40, 80)])]), from_rows([pair(sizes=[(90, 30), (50, 50)], index=1)])])
+    batch = pa.concat_tables(
+        [from_rows([pair(sizes=[(40, 80)])]), from_rows([pair(sizes=[(90, 30), (50, 50)], index=1)])]
+    )
     smallest, largest = image_extremes(batch.column("image_meta"))
     assert smallest.tolist() == [40.0, 30.0]
     assert largest.tolist() == [2.0, 3.0]

@@ -98,11 +98,18 @@ def fault_run(tmp_path_factory):
     routes["/ok-target.jpg"] = Route(body=jpeg(90, 90))
     with LoopbackServer(routes) as server:
         paths = list(FAULTS)
-        url_list = write_list(folder / "urls.parquet", [server.url(p) for p in paths],
-                              [f"a test image called {p}" for p in paths])
-        manifest = run(url_list, folder / "out", "stages.fetch.read_timeout=0.5", "stages.fetch.retries=1",
-                       "stages.fetch.backoff_base=0.01", "stages.fetch.max_bytes=100000",
-                       "stages.basic_filter.min_side=8")
+        url_list = write_list(
+            folder / "urls.parquet", [server.url(p) for p in paths], [f"a test image called {p}" for p in paths]
+        )
+        manifest = run(
+            url_list,
+            folder / "out",
+            "stages.fetch.read_timeout=0.5",
+            "stages.fetch.retries=1",
+            "stages.fetch.backoff_base=0.01",
+            "stages.fetch.max_bytes=100000",
+            "stages.basic_filter.min_side=8",
+        )
         hits = {path: route.hits for path, route in server.routes.items()}
     return folder / "out", manifest, paths, hits
 
@@ -113,9 +120,12 @@ def test_every_fault_mode_ends_in_the_output_or_with_its_drop_reason(fault_run):
     sources = output_rows(output).column("source").to_pylist()
     kept_paths = {"/" + s["url"].rsplit("/", 1)[1] for s in sources}
     assert kept_paths == {p for p, (_, reason) in FAULTS.items() if reason is None}
-    dropped = {row["url"].rsplit("/", 1)[1]: row["reason"] for row in pq.read_table(output / "drops.parquet").to_pylist()}
+    dropped = {
+        row["url"].rsplit("/", 1)[1]: row["reason"] for row in pq.read_table(output / "drops.parquet").to_pylist()
+    }
     assert {"/" + name: reason for name, reason in dropped.items()} == {
-        p: reason for p, (_, reason) in FAULTS.items() if reason is not None}
+        p: reason for p, (_, reason) in FAULTS.items() if reason is not None
+    }
     assert hits["/flaky.jpg"] == 2  # 500 once, then success on the retry
     assert manifest["drop_log"]["by_reason"]["http_404"] == 1
 
@@ -129,10 +139,18 @@ def weird_run(tmp_path_factory):
     files = sorted(p for p in WEIRD.iterdir() if p.name not in ("SOURCE.txt", "manifest.tsv"))
     routes = {f"/{p.name}": Route(body=p.read_bytes(), content_type="application/octet-stream") for p in files}
     with LoopbackServer(routes) as server:
-        url_list = write_list(folder / "urls.parquet", [server.url(f"/{p.name}") for p in files],
-                              [f"problem image {p.stem}" for p in files])
-        manifest = run(url_list, folder / "out", "stages.basic_filter.min_side=1",
-                       "stages.basic_filter.max_aspect_ratio=100", "stages.fetch.retries=0")
+        url_list = write_list(
+            folder / "urls.parquet",
+            [server.url(f"/{p.name}") for p in files],
+            [f"problem image {p.stem}" for p in files],
+        )
+        manifest = run(
+            url_list,
+            folder / "out",
+            "stages.basic_filter.min_side=1",
+            "stages.basic_filter.max_aspect_ratio=100",
+            "stages.fetch.retries=0",
+        )
     return folder / "out", manifest, files
 
 
@@ -177,8 +195,9 @@ def test_shards_load_with_datasets_and_webdataset(weird_run, tmp_path):
 
     output, manifest, _ = weird_run
     expected = manifest["outputs"]["rows"]
-    parquet = datasets.load_dataset("parquet", data_files=str(output / "parquet" / "*.parquet"), split="train",
-                                    cache_dir=str(tmp_path / "hf"))
+    parquet = datasets.load_dataset(
+        "parquet", data_files=str(output / "parquet" / "*.parquet"), split="train", cache_dir=str(tmp_path / "hf")
+    )
     assert len(parquet) == expected
     assert isinstance(parquet.features["images"], datasets.List)
     assert isinstance(parquet.features["images"].feature, datasets.Image)
@@ -247,21 +266,34 @@ def test_same_url_listed_twice_gives_two_samples(uninterrupted, demo_web):
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     environment = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "curate.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=environment)
+    return subprocess.run(
+        [sys.executable, "-m", "curate.cli", *args], capture_output=True, text=True, timeout=300, env=environment
+    )
 
 
-def test_interrupted_run_resumes_to_the_same_shards(uninterrupted, demo_web, tmp_path):
+# Prepare runs 5 work shards on 2 workers, so a kill after shard 2 leaves some undone; the 3 output
+# shards are written concurrently, so a kill in the write phase may come after all of them (but
+# always before the drop log and the manifest).
+@pytest.mark.parametrize("phase, shard, total", [("prepare", 2, 4), ("write", 0, 3)])
+def test_interrupted_run_resumes_to_the_same_shards(uninterrupted, demo_web, tmp_path, phase, shard, total):
     server, url_list = demo_web
     _, reference, _ = uninterrupted
     output = tmp_path / "killed"
-    args = ["run", str(DEMO_RECIPE), "--no-progress", "--set", f"source.path={url_list}",
-            "--set", f"output.path={output}", *[a for pair in DETERMINISM for a in ("--set", pair)]]
-    killed = cli(*args, env={"CURATE_TEST_CRASH_AFTER": "prepare:2"})
+    args = [
+        "run",
+        str(DEMO_RECIPE),
+        "--no-progress",
+        "--set",
+        f"source.path={url_list}",
+        "--set",
+        f"output.path={output}",
+        *[a for pair in DETERMINISM for a in ("--set", pair)],
+    ]
+    killed = cli(*args, env={"CURATE_TEST_CRASH_AFTER": f"{phase}:{shard}"})
     assert killed.returncode == 86, killed.stderr
     assert not (output / "manifest.json").exists()
-    finished = sorted(p.name for p in (output / "_work" / "prepare").glob("*.done.json"))
-    assert "00002.done.json" in finished and len(finished) < 5
+    finished = sorted(p.name for p in (output / "_work" / phase).glob("*.done.json"))
+    assert f"{shard:05d}.done.json" in finished and len(finished) <= total
 
     hits_before = {path: route.hits for path, route in server.routes.items()}
     resumed = cli(*args)
@@ -312,6 +344,13 @@ def test_inspect_prints_funnel_drops_shards_and_quantiles(uninterrupted):
     folder, first, _ = uninterrupted
     shown = cli("inspect", str(folder / "a" / "manifest.json"))
     assert shown.returncode == 0, shown.stderr
-    for words in ("Funnel", "Drops by reason", "Shards", "Quantiles", "http_404", "reconciles",
-                  first["outputs"]["shards"][0]["path"]):
+    for words in (
+        "Funnel",
+        "Drops by reason",
+        "Shards",
+        "Quantiles",
+        "http_404",
+        "reconciles",
+        first["outputs"]["shards"][0]["path"],
+    ):
         assert words in shown.stdout

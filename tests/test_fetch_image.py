@@ -126,7 +126,11 @@ def test_malformed_exif_does_not_crash():
 
 @pytest.mark.parametrize(
     ("name", "reason"),
-    [("truncated_jpeg.jpg", "corrupt"), ("broken.png", "not_image"), ("png_decompression_dos.png", "decompression_bomb")],
+    [
+        ("truncated_jpeg.jpg", "corrupt"),
+        ("broken.png", "not_image"),
+        ("png_decompression_dos.png", "decompression_bomb"),
+    ],
 )
 def test_broken_inputs(name, reason):
     with pytest.raises(ImageError) as info:

@@ -152,3 +152,40 @@ def test_every_bundled_recipe_dry_runs_with_source_and_output_overrides(tmp_path
 def test_bundled_recipes_exist():
     names = {p.stem for p in bundled_recipes()}
     assert "demo" in names and len(names) >= 2
+
+
+def test_hash_ignores_execution_only_settings_but_not_results(tmp_path, url_list):
+    recipe = write_recipe(tmp_path, BASE)
+    base = load_recipe(recipe).sha256()
+    assert load_recipe(recipe, ["engine.workers=1", "engine.keep_work=true", f"output.path={tmp_path}/moved",
+                                "engine.address=ray://h:10001"]).sha256() == base
+    assert load_recipe(recipe, ["engine.rows_per_work_shard=7"]).sha256() != base
+    assert load_recipe(recipe, ["output.shard_rows=5"]).sha256() != base
+
+
+def test_paths_set_on_the_command_line_are_taken_from_the_current_directory(tmp_path, url_list, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    recipe = write_recipe(tmp_path / "recipes", BASE)
+    monkeypatch.chdir(tmp_path)
+    loaded = load_recipe(recipe, ["source.path=urls.parquet"])
+    assert loaded.source_params.path == str(url_list)
+    compile_plan(loaded)  # finds the file, although the recipe's folder has no urls.parquet
+
+
+def test_sink_settings_are_validated_and_unknown_output_keys_refused(tmp_path, url_list):
+    recipe = write_recipe(tmp_path, BASE)
+    loaded = load_recipe(recipe, ["output.parquet.compression=snappy"])
+    assert loaded.sink_params["parquet"].compression == "snappy"
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe, ["output.parquet.compresion=snappy"])
+    assert caught.value.path == "output.parquet.compresion"
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe, ["output.zipfile.level=3"])
+    assert caught.value.path == "output.zipfile" and "webdataset" in caught.value.message
+
+
+def test_a_url_list_without_a_fetch_stage_is_refused(tmp_path, url_list):
+    recipe = write_recipe(tmp_path, BASE.replace("  fetch: {}\n", ""))
+    with pytest.raises(RecipeError) as caught:
+        compile_plan(load_recipe(recipe))
+    assert caught.value.path == "stages" and "fetch" in caught.value.message

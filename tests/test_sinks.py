@@ -44,7 +44,13 @@ def pair(i: int, size: tuple[int, int] = (32, 24), fmt: str = "jpg", key: str | 
         "kind": "pair",
         "images": [{"bytes": data, "path": None}],
         "image_meta": [
-            {"url": f"https://example.org/{i}.jpg", "width": size[0], "height": size[1], "format": fmt, "num_bytes": len(data)}
+            {
+                "url": f"https://example.org/{i}.jpg",
+                "width": size[0],
+                "height": size[1],
+                "format": fmt,
+                "num_bytes": len(data),
+            }
         ],
         "captions": [{"name": "alt", "text": f"caption {i} ü"}, {"name": "recap", "text": f"recaption {i}"}],
         "scores": {"clip_score": 0.25, "aesthetic": 5.0},
@@ -246,7 +252,10 @@ def test_webdataset_members_of_a_sample_are_contiguous_and_ordered(tmp_path):
     path = tmp_path / "shard.tar"
     write_tar(path, tables(4))
     names = member_names(path)
-    groups = [(key, [n.split(".", 1)[1] for n in group]) for key, group in itertools.groupby(names, lambda n: n.split(".", 1)[0])]
+    groups = [
+        (key, [n.split(".", 1)[1] for n in group])
+        for key, group in itertools.groupby(names, lambda n: n.split(".", 1)[0])
+    ]
     assert [key for key, _ in groups] == [f"{i:016x}" for i in range(4)]
     assert all(suffixes == ["jpg", "json", "txt"] for _, suffixes in groups)
 

@@ -55,7 +55,9 @@ def write_delimited(table: pa.Table, path: Path, delimiter: str) -> None:
 def lists(tmp_path) -> dict[str, Path]:
     """The same list in every supported format, all named `list.*`."""
     table = real_table()
-    paths = {name: tmp_path / name / f"list.{name}" for name in ("parquet", "csv", "tsv", "jsonl", "jsonl.gz", "csv.gz")}
+    paths = {
+        name: tmp_path / name / f"list.{name}" for name in ("parquet", "csv", "tsv", "jsonl", "jsonl.gz", "csv.gz")
+    }
     for path in paths.values():
         path.parent.mkdir()
     pq.write_table(table, paths["parquet"])
@@ -94,13 +96,17 @@ def test_real_slice_reads_with_its_own_column_names():
 
 def test_keys_are_stable_and_distinct_for_a_repeated_url(tmp_path):
     path = tmp_path / "dup.parquet"
-    pq.write_table(pa.table({"url": ["http://a/x.jpg", "http://a/y.jpg", "http://a/x.jpg"], "caption": ["a", "b", "a"]}), path)
+    pq.write_table(
+        pa.table({"url": ["http://a/x.jpg", "http://a/y.jpg", "http://a/x.jpg"], "caption": ["a", "b", "a"]}), path
+    )
     src = source(path, dataset="web")
     first = read_all(src).column("key").to_pylist()
     second = read_all(src).column("key").to_pylist()
     assert first == second
     assert len(set(first)) == 3
-    assert first == [sample_key("web", i, u) for i, u in enumerate(["http://a/x.jpg", "http://a/y.jpg", "http://a/x.jpg"])]
+    assert first == [
+        sample_key("web", i, u) for i, u in enumerate(["http://a/x.jpg", "http://a/y.jpg", "http://a/x.jpg"])
+    ]
 
 
 def test_extra_columns_land_in_meta(tmp_path):
@@ -176,7 +182,9 @@ def test_relative_path_resolves_against_recipe_dir(tmp_path, lists):
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv.gz", "tsv", "jsonl"])
-@pytest.mark.parametrize("param,key_path", [("url_column", "source.url_column"), ("caption_column", "source.caption_column")])
+@pytest.mark.parametrize(
+    "param,key_path", [("url_column", "source.url_column"), ("caption_column", "source.caption_column")]
+)
 def test_missing_column_is_a_recipe_error(lists, fmt, param, key_path):
     with pytest.raises(RecipeError) as error:
         source(lists[fmt], **{param: "nope"}).preflight()
@@ -201,8 +209,17 @@ def test_unknown_extension_asks_for_a_format(tmp_path):
 
 @pytest.mark.parametrize(
     "name,fmt",
-    [("a.parquet", "parquet"), ("a.CSV", "csv"), ("a.csv.gz", "csv"), ("a.tsv.gz", "tsv"), ("a.json.gz", "jsonl"),
-     ("a.jsonl", "jsonl"), ("a.parquet.gz", None), ("a.gz", None), ("a.txt", None)],
+    [
+        ("a.parquet", "parquet"),
+        ("a.CSV", "csv"),
+        ("a.csv.gz", "csv"),
+        ("a.tsv.gz", "tsv"),
+        ("a.json.gz", "jsonl"),
+        ("a.jsonl", "jsonl"),
+        ("a.parquet.gz", None),
+        ("a.gz", None),
+        ("a.txt", None),
+    ],
 )
 def test_detect_format(name, fmt):
     assert detect_format(name) == fmt

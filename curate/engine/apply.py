@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import schema
-from curate.stage import Stage
+from curate.stage import Stage, with_drops
 
 
 @dataclass
@@ -77,17 +77,60 @@ def split_drops(table: pa.Table, stage_name: str) -> tuple[pa.Table, pa.Table]:
     return schema.conform(kept), drops
 
 
-def apply_stages(stages: list[Stage], batch: pa.Table, stats: dict[str, StageStats]) -> tuple[pa.Table, list[pa.Table]]:
+STAGE_ERROR = "stage_error"
+
+
+def process_isolating_errors(stage: Stage, batch: pa.Table) -> pa.Table:
+    """`stage.process(batch)`; if it raises, process row by row and drop the rows that raise.
+
+    When every row of a batch of several rows raises, the failure is the stage's,
+    not the samples': the first error is raised again.
+    """
+    try:
+        return stage.process(batch)
+    except Exception as error:  # narrowed down to the failing samples below
+        if batch.num_rows == 1:
+            return with_drops(batch, [STAGE_ERROR], [_describe(error)])
+    results, failures = [], []
+    for index in range(batch.num_rows):
+        row = batch.slice(index, 1)
+        try:
+            results.append(_with_drop_columns(stage.process(row)))
+        except Exception as error:  # the sample's failure: recorded as its drop reason
+            failures.append(error)
+            results.append(with_drops(row, [STAGE_ERROR], [_describe(error)]))
+    if len(failures) == batch.num_rows:
+        raise failures[0]
+    return pa.concat_tables(results, promote_options="permissive")
+
+
+def _with_drop_columns(table: pa.Table) -> pa.Table:
+    if schema.DROP_REASON in table.column_names:
+        return table
+    return with_drops(table, [None] * table.num_rows)
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def apply_stages(stages: list[Stage], batch: pa.Table, stats: dict[str, StageStats],
+                 on_sample_error: str = "drop") -> tuple[pa.Table, list[pa.Table]]:
     """Run `stages` in order over `batch`; return kept rows and the drop-log tables.
 
-    `stats` (stage name -> StageStats) is updated in place.
+    `stats` (stage name -> StageStats) is updated in place. With `on_sample_error`
+    "drop", a sample whose processing raises is dropped with reason `stage_error`;
+    with "raise", any exception propagates and stops the run.
     """
     drop_tables = []
     for stage in stages:
         if batch.num_rows == 0:
             break
         started = time.perf_counter()
-        result = stage.process(batch)
+        if on_sample_error == "drop":
+            result = process_isolating_errors(stage, batch)
+        else:
+            result = stage.process(batch)
         if result.num_rows != batch.num_rows:
             raise RuntimeError(f"stage {stage.name!r} returned {result.num_rows} rows for {batch.num_rows}; "
                                "stages must mark drops with drop_reason, not remove rows")

@@ -17,6 +17,7 @@ class WorkerPlan:
     workers: int
     cpus_per_worker: float
     gpus_per_worker: float = 0.0
+    memory_per_worker: int = 0  # bytes Ray reserves per worker; 0 = no reservation
 
 
 def connect(address: str | None = None, verbose: bool = False) -> dict[str, float]:
@@ -38,7 +39,7 @@ def connect(address: str | None = None, verbose: bool = False) -> dict[str, floa
 
 
 def plan_workers(resources: dict[str, float], requested: int | str, shards: int,
-                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> WorkerPlan:
+                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, memory_per_worker: int = 0) -> WorkerPlan:
     """Size a worker pool from the cluster's resources.
 
     Asks for fractional CPUs so that the pool never takes every CPU: Ray's own
@@ -52,9 +53,12 @@ def plan_workers(resources: dict[str, float], requested: int | str, shards: int,
         workers = int(requested)
     if gpus_per_worker:
         workers = min(workers, max(1, math.floor(resources.get("GPU", 0) / gpus_per_worker)))
+    if memory_per_worker:
+        workers = min(workers, max(1, math.floor(resources.get("memory", 0) / memory_per_worker)))
     workers = max(1, min(workers, shards))
     share = min(cpus_per_worker, cpus * 0.8 / workers)
-    return WorkerPlan(workers=workers, cpus_per_worker=round(max(share, 0.05), 3), gpus_per_worker=gpus_per_worker)
+    return WorkerPlan(workers=workers, cpus_per_worker=round(max(share, 0.05), 3), gpus_per_worker=gpus_per_worker,
+                      memory_per_worker=memory_per_worker)
 
 
 def faiss_backend() -> str:

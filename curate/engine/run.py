@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -14,14 +13,15 @@ from rich.console import Console
 from curate import registry, schema
 from curate.engine import cluster
 from curate.engine.apply import StageStats
-from curate.files import RunLayout, atomic_path, read_json, write_json
 from curate.engine.phases import PhaseSpec, run_phase
 from curate.engine.progress import phase_progress
 from curate.engine.split import INPUT_PHASE, SOURCE_STAGE, split_source
-from curate.engine.write import write_outputs
+from curate.engine.worker import StageSpec
+from curate.engine.write import SinkSpec, write_outputs
+from curate.files import RunLayout, atomic_path, read_json, write_json
 from curate.manifest.build import build_manifest
 from curate.recipe import LoadedRecipe
-from curate.stage import RecipeError, Stage, StageContext
+from curate.stage import RecipeError, Stage, StageContext, StageFailure
 
 
 class OutputConflict(RecipeError):
@@ -36,9 +36,8 @@ class Plan:
     source: Any
     phases: list[PhaseSpec]
     stages: list[Stage]
-    sinks: list[tuple[str, dict[str, Any]]]
+    sinks: list[SinkSpec]
     layout: RunLayout
-    notes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
         """What `--dry-run` prints: the plan, no work."""
@@ -47,8 +46,8 @@ class Plan:
             "recipe": str(self.loaded.file),
             "recipe_sha256": self.loaded.sha256(),
             "source": self.source.describe(),
-            "phases": [{"name": p.name, "stages": [name for name, _ in p.stages]} for p in self.phases],
-            "outputs": {"path": str(self.layout.root), "formats": [name for name, _ in self.sinks],
+            "phases": [{"name": p.name, "stages": [stage.name for stage in p.stages]} for p in self.phases],
+            "outputs": {"path": str(self.layout.root), "formats": [sink.name for sink in self.sinks],
                         "shard_rows": recipe.output.shard_rows, "shard_bytes": recipe.output.shard_bytes},
             "engine": recipe.engine.model_dump(mode="json"),
         }
@@ -79,8 +78,10 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
                                   file=str(loaded.file), path=f"stages.{stage.name}")
             input_phase = phases[-1].name if phases else INPUT_PHASE
             phases.append(PhaseSpec(stage.phase, input_phase, []))
-        phases[-1].stages.append((stage.name, stage.params.model_dump(mode="json")))
-    sinks = [(name, params.model_dump(mode="json")) for name, params in loaded.sink_params.items()]
+        spec = StageSpec(stage.name, registry.STAGES[stage.name], stage.params.model_dump(mode="json"))
+        phases[-1].stages.append(spec)
+    sinks = [SinkSpec(name, registry.SINKS[name], params.model_dump(mode="json"))
+             for name, params in loaded.sink_params.items()]
     return Plan(loaded, source, phases, stages, sinks, RunLayout(loaded.output_path()))
 
 
@@ -148,10 +149,11 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
             worker_plan = cluster.plan_workers(
                 resources, recipe.engine.workers, shards,
                 cpus_per_worker=max(s.resources.cpus for s in stage_objects),
-                gpus_per_worker=max(s.resources.gpus for s in stage_objects) if device["gpus"] else 0.0)
+                gpus_per_worker=max(s.resources.gpus for s in stage_objects) if device["gpus"] else 0.0,
+                memory_per_worker=sum(s.resources.memory_bytes for s in stage_objects))
             phase_started = time.perf_counter()
             markers_by_phase[phase.name] = run_phase(
-                phase, layout, shards, worker_plan, context, batch_rows=256,
+                phase, layout, shards, worker_plan, context, batch_rows=recipe.engine.batch_rows,
                 on_progress=lambda rows, task=task: bars.advance(task, rows))
             timings[phase.name] = time.perf_counter() - phase_started
 
@@ -162,7 +164,8 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
         write_plan = cluster.plan_workers(resources, recipe.engine.workers, max(1, shards))
         phase_started = time.perf_counter()
         outputs = write_outputs(layout, final_files, plan.sinks, recipe.output.shard_rows, recipe.output.shard_bytes,
-                                write_plan.cpus_per_worker, on_progress=lambda rows: bars.advance(task, rows))
+                                write_plan.cpus_per_worker, max_in_flight=2 * write_plan.workers,
+                                on_progress=lambda rows: bars.advance(task, rows))
         timings["write"] = time.perf_counter() - phase_started
 
     dropped = write_drop_log(layout, [INPUT_PHASE] + [p.name for p in plan.phases], shards)
@@ -171,11 +174,14 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
         plan=plan, layout=layout, device=device, resources=resources, stage_stats=stage_stats,
         phase_seconds=timings, outputs=outputs, final_files=final_files, dropped_rows=dropped,
         started_at=started_at, seconds=time.perf_counter() - started)
+    if not manifest["reconciliation"]["ok"]:
+        # Never publish a manifest that does not add up; keep the work area to look into it.
+        write_json(layout.work / "manifest.unreconciled.json", manifest)
+        raise StageFailure(f"rows do not reconcile: {manifest['reconciliation']}; see "
+                           f"{layout.work / 'manifest.unreconciled.json'}")
     write_json(layout.manifest, manifest)
     if not recipe.engine.keep_work:
         shutil.rmtree(layout.work, ignore_errors=True)
-    if not manifest["reconciliation"]["ok"]:
-        raise RuntimeError(f"rows do not reconcile: {manifest['reconciliation']}")
     return manifest
 
 
@@ -194,8 +200,9 @@ def _collect_stage_stats(source_stats: dict[str, Any], plan: Plan,
         for marker in markers_by_phase.get(phase.name, []):
             for name, data in marker["stages"].items():
                 totals.setdefault(name, StageStats()).add(StageStats.from_json(data))
-        for name, _ in phase.stages:
-            ordered.append({"name": name, "phase": phase.name, **totals.get(name, StageStats()).to_json()})
+        for stage in phase.stages:
+            ordered.append({"name": stage.name, "phase": phase.name,
+                            **totals.get(stage.name, StageStats()).to_json()})
     return ordered
 
 

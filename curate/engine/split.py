@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -42,6 +43,7 @@ def split_source(source: Source, layout: RunLayout, rows_per_shard: int) -> dict
     summary_path = layout.phase_dir(INPUT_PHASE) / "_SUCCESS.json"
     if summary_path.exists():
         return read_json(summary_path)
+    started = time.perf_counter()
     totals = StageStats()
     shards = 0
     read_rows = max(1, min(rows_per_shard, 8192))
@@ -57,6 +59,7 @@ def split_source(source: Source, layout: RunLayout, rows_per_shard: int) -> dict
         write_table(layout.shard_file(INPUT_PHASE, 0), schema.empty_table())
         write_table(layout.drops_file(INPUT_PHASE, 0), schema.empty_table(schema.DROP_SCHEMA))
         shards = 1
+    totals.seconds = time.perf_counter() - started
     summary = {"shards": shards, "rows_per_shard": rows_per_shard, "stats": totals.to_json()}
     write_json(summary_path, summary)
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,20 +13,25 @@ import pyarrow.parquet as pq
 from curate import registry, schema
 from curate.engine.apply import StageStats, apply_stages
 from curate.files import atomic_path, write_json, write_table
-from curate.stage import Stage, StageContext
+from curate.stage import Stage, StageContext, StageFailure
 
 
-def build_stages(specs: list[tuple[str, dict[str, Any]]], context: StageContext) -> list[Stage]:
-    """Instantiate stages from (name, params as JSON) pairs."""
+@dataclass(frozen=True)
+class StageSpec:
+    """What a worker needs to rebuild a stage: its name, import target and parameters as JSON."""
+
+    name: str
+    target: str
+    params: dict[str, Any]
+
+
+def build_stages(specs: list[StageSpec], context: StageContext) -> list[Stage]:
+    """Instantiate stages from their specs."""
     stages = []
-    for name, params in specs:
-        cls = registry.load(registry.STAGES, name)
-        stages.append(cls(cls.Params.model_validate(params), context))
+    for spec in specs:
+        cls = registry.import_target(spec.target)
+        stages.append(cls(cls.Params.model_validate(spec.params), context))
     return stages
-
-
-class StageFailure(RuntimeError):
-    """A stage raised on a work shard: the run stops and names the shard."""
 
 
 class PhaseWorker:
@@ -36,9 +42,10 @@ class PhaseWorker:
     stage statistics), each atomically.
     """
 
-    def __init__(self, specs: list[tuple[str, dict[str, Any]]], context: StageContext, batch_rows: int):
+    def __init__(self, specs: list[StageSpec], context: StageContext, batch_rows: int):
         self.stages = build_stages(specs, context)
         self.batch_rows = batch_rows
+        self.on_sample_error = context.on_sample_error
         for stage in self.stages:
             stage.setup()
 
@@ -55,7 +62,7 @@ class PhaseWorker:
                     for record_batch in pq.ParquetFile(input_path).iter_batches(batch_size=self.batch_rows):
                         batch = pa.Table.from_batches([record_batch])
                         rows_in += batch.num_rows
-                        kept, drops = apply_stages(self.stages, batch, stats)
+                        kept, drops = apply_stages(self.stages, batch, stats, self.on_sample_error)
                         drop_tables.extend(drops)
                         rows_out += kept.num_rows
                         writer.write_table(kept)

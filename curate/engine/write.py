@@ -12,9 +12,20 @@ import pyarrow.parquet as pq
 import ray
 
 from curate import registry
+from curate.engine.crash import crash_if_asked
 from curate.files import RunLayout, atomic_path, read_json, sha256_file, write_json
+from curate.stage import StageFailure
 
 WRITE_PHASE = "write"
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    """What a writer task needs to rebuild a sink: its name, import target and parameters as JSON."""
+
+    name: str
+    target: str
+    params: dict[str, Any]
 
 
 @dataclass
@@ -95,13 +106,14 @@ def _segment_tables(segments: list[Segment], batch_rows: int = 256) -> Iterator[
                 break
 
 
-def write_output_shard(shard: OutputShard, sinks: list[tuple[str, dict[str, Any]]], root: str) -> dict[str, Any]:
+def write_output_shard(shard: OutputShard, sinks: list[SinkSpec], root: str) -> dict[str, Any]:
     """Write `shard` with every sink (atomically), then its marker; return the marker."""
     layout = RunLayout(Path(root))
     files = []
-    for name, params in sinks:
-        cls = registry.load(registry.SINKS, name)
-        sink = cls(cls.Params.model_validate(params))
+    for spec in sinks:
+        cls = registry.import_target(spec.target)
+        sink = cls(cls.Params.model_validate(spec.params))
+        name = spec.name
         final = layout.output_file(name, shard.index, cls.extension)
         with atomic_path(final) as temporary:
             written = sink.write(_segment_tables(shard.segments), str(temporary))
@@ -119,8 +131,8 @@ def write_output_shard(shard: OutputShard, sinks: list[tuple[str, dict[str, Any]
     return marker
 
 
-def write_outputs(layout: RunLayout, files: list[Path], sinks: list[tuple[str, dict[str, Any]]],
-                  shard_rows: int | None, shard_bytes: int | None, cpus_per_task: float,
+def write_outputs(layout: RunLayout, files: list[Path], sinks: list[SinkSpec], shard_rows: int | None,
+                  shard_bytes: int | None, cpus_per_task: float, max_in_flight: int,
                   on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
     """Plan and write all output shards, skipping those already written; return their markers in order."""
     plan_path = layout.phase_dir(WRITE_PHASE) / "plan.json"
@@ -131,15 +143,25 @@ def write_outputs(layout: RunLayout, files: list[Path], sinks: list[tuple[str, d
         shards = plan_output_shards(files, shard_rows, shard_bytes)
         write_json(plan_path, [asdict(s) for s in shards])
     remote_write = ray.remote(write_output_shard).options(num_cpus=cpus_per_task, max_retries=0)
-    pending = {}
+    waiting = []
     for shard in shards:
         if layout.marker(WRITE_PHASE, shard.index).exists():
             on_progress(shard.rows)
         else:
-            pending[remote_write.remote(shard, sinks, str(layout.root))] = shard
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+            waiting.append(shard)
+    in_flight: dict[ray.ObjectRef, OutputShard] = {}
+    while waiting or in_flight:
+        while waiting and len(in_flight) < max_in_flight:
+            shard = waiting.pop(0)
+            in_flight[remote_write.remote(shard, sinks, str(layout.root))] = shard
+        done, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in done:
-            ray.get(ref)
-            on_progress(pending.pop(ref).rows)
+            try:
+                marker = ray.get(ref)
+            except ray.exceptions.RayError as error:
+                cause = getattr(error, "cause", error)
+                raise StageFailure(f"phase 'write', output shard {in_flight[ref].index:05d}: "
+                                   f"{type(cause).__name__}: {cause}") from None
+            on_progress(in_flight.pop(ref).rows)
+            crash_if_asked(WRITE_PHASE, marker["index"])
     return [read_json(layout.marker(WRITE_PHASE, s.index)) for s in shards]

@@ -215,7 +215,9 @@ class HttpFetcher:
             try:
                 self._check_url(current)
             except _UrlProblem as problem:
-                return self._result(url, current, _Outcome(reason=problem.reason, detail=problem.detail), attempts, start)
+                return self._result(
+                    url, current, _Outcome(reason=problem.reason, detail=problem.detail), attempts, start
+                )
             outcome, tries = self._get_with_retries(current)
             attempts += tries
             if outcome.location is None:

@@ -86,7 +86,7 @@ def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], r
     """Build and validate the manifest of a finished run."""
     source_stats = stage_stats[0]
     shards = [file for marker in outputs for file in marker["files"]]
-    formats = [name for name, _ in plan.sinks]
+    formats = [sink.name for sink in plan.sinks]
     rows_by_format = {name: sum(f["rows"] for f in shards if f["format"] == name) for name in formats}
     output_rows = rows_by_format[formats[0]] if formats else 0
     input_rows = source_stats["rows_in"]

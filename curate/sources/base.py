@@ -21,6 +21,7 @@ class Source:
 
     name: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
+    needs_fetch: ClassVar[bool] = False  # True when samples carry URLs but no image bytes
 
     def __init__(self, params: Params, recipe_dir: str = "."):
         self.params = params

@@ -99,6 +99,7 @@ class UrlListSource(Source):
     name = "url_list"
     Params = UrlListParams
     params: UrlListParams
+    needs_fetch = True  # yields URLs only: a recipe must run the fetch stage
 
     @property
     def path(self) -> str:
