@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from curate import registry
 from curate.stage import Params, RecipeError
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
-PROJECT_ROOT = PACKAGE_ROOT.parent
-PRESET_DIRS = (PROJECT_ROOT / "filters", PACKAGE_ROOT / "_bundled" / "filters")
-PIPELINE_DIRS = (PROJECT_ROOT / "pipelines", PACKAGE_ROOT / "_bundled" / "pipelines")
+# curate/_bundled/ links to the project's filters/ and pipelines/ folders (copied into wheels).
+BUNDLED = Path(__file__).resolve().parent / "_bundled"
+PRESET_DIRS = (BUNDLED / "filters",)
+PIPELINE_DIRS = (BUNDLED / "pipelines",)
 
 
 class OutputSpec(BaseModel):

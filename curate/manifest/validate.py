@@ -9,9 +9,8 @@ from typing import Any
 
 import jsonschema
 
-_PACKAGE = Path(__file__).resolve().parent.parent
-SCHEMA_LOCATIONS = (_PACKAGE.parent / "manifests" / "manifest.schema.json",
-                    _PACKAGE / "_bundled" / "manifests" / "manifest.schema.json")
+# curate/_bundled/manifests links to the project's manifests/ folder (copied into wheels).
+SCHEMA_LOCATIONS = (Path(__file__).resolve().parent.parent / "_bundled" / "manifests" / "manifest.schema.json",)
 
 
 class ManifestInvalid(ValueError):
