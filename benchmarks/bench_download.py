@@ -92,6 +92,17 @@ def build_web(images: int, seed: int, scale: float, cache_dir: Path):
     return web
 
 
+class CountingRoutes(dict):
+    """The server's route table, counting look-ups of paths it does not have (answered 404)."""
+
+    misses = 0
+
+    def get(self, key, default=None):
+        if key not in self:
+            self.misses += 1
+        return super().get(key, default)
+
+
 def serve(args: argparse.Namespace) -> None:
     """Subprocess mode: build the web, serve it, write the URL lists, then obey stdin.
 
@@ -108,6 +119,7 @@ def serve(args: argparse.Namespace) -> None:
     web = build_web(args.images, args.seed, args.scale, Path(args.workdir))
     build_seconds = time.perf_counter() - started
     with LoopbackServer(web.routes) as server:
+        server._server.routes = CountingRoutes(server.routes)  # noqa: SLF001 - the bench owns this server
         full = Path(args.workdir) / "urls.parquet"
         tiny = Path(args.workdir) / "urls-tiny.parquet"
         write_url_list(web, server.base_url, str(full))
@@ -129,10 +141,11 @@ def serve(args: argparse.Namespace) -> None:
                     for route in server.routes.values():
                         route.hits = 0
                         route.request_headers.clear()
+                    server.routes.misses = 0
                 print("ok", flush=True)
             elif command == "stats":
                 with server._server.lock:  # noqa: SLF001
-                    hits = sum(route.hits for route in server.routes.values())
+                    hits = sum(route.hits for route in server.routes.values()) + server.routes.misses
                 print(json.dumps({"hits": hits}), flush=True)
 
 
@@ -333,6 +346,7 @@ def curate_results(out: Path) -> dict[str, Any]:
         "successes": manifest["outputs"]["rows"],
         "drops_by_reason": manifest["drop_log"]["by_reason"],
         "internal_seconds": manifest["seconds"],
+        "phase_seconds": {phase["name"]: phase["seconds"] for phase in manifest["phases"]},
         "urls": tar_urls(out, lambda record: record["image_meta"][0]["url"]),
     }
 
@@ -422,6 +436,12 @@ def report(meta: dict[str, Any], runs: dict[str, list[dict[str, Any]]], expects:
                   "| --- | ---: | ---: | ---: |",
                   f"| wall time, s | {c_net:.1f} | {i_net:.1f} | {ratio(c_net, i_net)} |",
                   f"| images/s | {c_ok / c_net:.1f} | {i_ok / i_net:.1f} | {ratio(c_ok / c_net, i_ok / i_net)} |"]
+
+    phases = {name: median([r["phase_seconds"][name] for r in c]) for name in c[0]["phase_seconds"]}
+    rest = median([r["wall_s"] - sum(r["phase_seconds"].values()) for r in c])
+    lines += ["", "curate's own phase timings (manifest, medians): "
+              + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
+              + f"; the rest of the wall time (imports, Ray start and stop, drop log, manifest) {rest:.1f} s."]
 
     lines += ["", "| planted condition | rows | curate kept | img2dataset kept |", "| --- | ---: | ---: | ---: |"]
     planted = collections.Counter(e for conditions in expects.values() for e in conditions)
