@@ -16,6 +16,7 @@ SOURCES: dict[str, str] = {
 STAGES: dict[str, str] = {
     "fetch": "curate.fetch.stage:FetchStage",
     "basic_filter": "curate.ops.basic_filter:BasicFilter",
+    "top_fraction": "curate.ops.top_fraction:TopFractionFilter",
 }
 
 SINKS: dict[str, str] = {

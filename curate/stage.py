@@ -119,3 +119,24 @@ def with_drops(batch: pa.Table, reasons: list[str | None], details: list[str | N
         batch = batch.drop_columns([c for c in (DROP_REASON, DROP_DETAIL) if c in batch.column_names])
     batch = batch.append_column(DROP_REASON, pa.array(reasons, pa.string()))
     return batch.append_column(DROP_DETAIL, pa.array(details, pa.string()))
+
+
+class CorpusStage(Stage):
+    """A stage that decides per sample from the whole corpus (top-k% thresholds, dedup).
+
+    It runs as a phase of its own, named after the stage. First `decide` sees the
+    `columns` it asks for from every work shard of the previous phase (one table,
+    in work-shard order) and returns the rows to drop as a DROP-like table with
+    columns key, reason, detail; the engine saves that decision, then drops those
+    keys from every work shard. `decide` must be deterministic: the same rows in
+    any split give the same decision.
+    """
+
+    columns: ClassVar[tuple[str, ...]] = ("key",)
+
+    def decide(self, table: pa.Table) -> tuple[pa.Table, dict]:
+        """Return (drops: key/reason/detail table, summary for the manifest)."""
+        raise NotImplementedError
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        raise TypeError(f"{self.name} is corpus-wide: the engine calls decide(), not process()")

@@ -36,3 +36,24 @@ class RowEatingStage(Stage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         return batch.slice(0, batch.num_rows // 2)
+
+
+def hash_score(key: str) -> float:
+    """A deterministic score in [0, 1) from a sample key, with a few deliberate ties."""
+    import hashlib
+
+    value = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
+    return round(value, 2)  # rounding to 2 decimals makes ties common
+
+
+class HashScoreStage(Stage):
+    """Sets scores.clip_score from the key, so corpus-wide tests know every score in advance."""
+
+    name = "hash_score"
+    phase = "model"
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        scores = [{"clip_score": hash_score(k), "aesthetic": None} for k in batch.column("key").to_pylist()]
+        index = batch.schema.get_field_index("scores")
+        return batch.set_column(index, schema.SAMPLE_SCHEMA.field("scores"),
+                                pa.array(scores, schema.SAMPLE_SCHEMA.field("scores").type))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -134,3 +135,58 @@ def test_a_stage_failing_on_every_row_stops_the_run(exploding_run):
     with pytest.raises(StageFailure, match=r"phase .prepare., work shard 0000[0-3]: ValueError"):
         run("stages.explode.trigger=red")
     assert not layout.manifest.exists()
+
+
+
+def test_top_fraction_threshold_follows_datacomp():
+    from curate.ops.top_fraction import top_fraction_threshold
+
+    scores = np.array([0.1, 0.5, 0.3, 0.9, 0.7, 0.5, 0.2, 0.8, 0.4, 0.6])
+    # descending: .9 .8 .7 .6 .5 .5 ...; int(10 * 0.3) = 3 -> the 4th score, 0.6
+    assert top_fraction_threshold(scores, 0.3) == 0.6
+    assert top_fraction_threshold(scores, 1.0) == float("-inf")
+    assert top_fraction_threshold(np.array([]), 0.3) == float("-inf")
+
+
+@pytest.fixture(scope="module")
+def scored_web(tmp_path_factory):
+    from curate.demo.web import build_synthetic_web, write_url_list
+
+    folder = tmp_path_factory.mktemp("scored")
+    web = build_synthetic_web(n_images=120, seed=3)
+    with LoopbackServer(web.routes) as server:
+        write_url_list(web, server.base_url, folder / "urls.parquet")
+        yield folder
+
+
+@pytest.mark.parametrize("rows_per_shard, shards", [(1000, 1), (18, 7)])
+def test_top_fraction_keeps_exactly_numpys_corpus_wide_top(scored_web, ray_with_test_stages, monkeypatch,
+                                                           rows_per_shard, shards):
+    from stages_for_tests import hash_score
+
+    monkeypatch.setitem(registry.STAGES, "hash_score", "stages_for_tests:HashScoreStage")
+    recipe = scored_web / "recipe.yaml"
+    recipe.write_text(
+        "source: {type: url_list, path: urls.parquet}\n"
+        "stages:\n  fetch: {allow_private_addresses: true, backoff_base: 0.01}\n  basic_filter: {min_side: 32}\n"
+        "  hash_score: {}\n  top_fraction: {score: clip_score, fraction: 0.3}\n"
+        "output: {path: out, formats: [parquet]}\nengine: {rows_per_work_shard: 1000}\n")
+    output = scored_web / f"out-{shards}"
+    plan = compile_plan(load_recipe(recipe, [f"output.path={output}",
+                                             f"engine.rows_per_work_shard={rows_per_shard}"]))
+    manifest = execute(plan, Console(file=io.StringIO()), progress=False, overwrite=True)
+    assert manifest["reconciliation"]["ok"]
+    assert len(list((output / "parquet").glob("*.parquet"))) >= 1
+
+    kept = set(pq.read_table(output / "parquet", columns=["key"]).column("key").to_pylist())
+    drops = pq.read_table(output / "drops.parquet").to_pylist()
+    ranked = kept | {d["key"] for d in drops if d["stage"] == "top_fraction"}
+    scores = {key: hash_score(key) for key in ranked}
+    values = np.array(list(scores.values()))
+    threshold = -np.sort(-values)[int(len(values) * 0.3)]
+    assert kept == {key for key, score in scores.items() if score >= threshold}
+    assert len(kept) >= int(len(values) * 0.3)
+    assert manifest["decisions"]["top_fraction"]["threshold"] == pytest.approx(threshold)
+    assert {d["reason"] for d in drops if d["stage"] == "top_fraction"} == {"below_top_fraction"}
+    funnel = {s["name"]: s for s in manifest["stages"]}
+    assert funnel["top_fraction"]["rows_out"] == len(kept)

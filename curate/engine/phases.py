@@ -22,6 +22,7 @@ class PhaseSpec:
     name: str
     input_phase: str
     stages: list[StageSpec]
+    corpus: StageSpec | None = None  # a corpus-wide stage decides first; `stages` then apply its decision
 
 
 def run_phase(

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.parquet as pq
+import ray
 from rich.console import Console
 
 from curate import registry, schema
 from curate.engine import cluster
 from curate.engine.apply import StageStats
+from curate.engine.decision import decide, decision_paths
 from curate.engine.phases import PhaseSpec, run_phase
 from curate.engine.progress import phase_progress
 from curate.engine.split import INPUT_PHASE, SOURCE_STAGE, split_source
@@ -21,7 +23,7 @@ from curate.engine.write import SinkSpec, write_outputs
 from curate.files import RunLayout, atomic_path, read_json, write_json
 from curate.manifest.build import build_manifest
 from curate.recipe import LoadedRecipe
-from curate.stage import RecipeError, Stage, StageContext, StageFailure
+from curate.stage import CorpusStage, RecipeError, Stage, StageContext, StageFailure
 
 
 class OutputConflict(RecipeError):
@@ -69,20 +71,29 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
     source.preflight()
     for stage in stages:
         stage.preflight()
+    layout = RunLayout(loaded.output_path())
     phases: list[PhaseSpec] = []
     for stage in stages:
-        if not phases or phases[-1].name != stage.phase:
+        spec = StageSpec(stage.name, registry.STAGES[stage.name], stage.params.model_dump(mode="json"))
+        if isinstance(stage, CorpusStage):
+            stage.phase = stage.name
+            decision_file, _ = decision_paths(layout.phase_dir(stage.name))
+            apply = StageSpec(stage.name, "curate.engine.decision:ApplyDecision",
+                              {"decision": str(decision_file), "stage_name": stage.name})
+            input_phase = phases[-1].name if phases else INPUT_PHASE
+            phases.append(PhaseSpec(stage.name, input_phase, [apply], corpus=spec))
+            continue
+        if not phases or phases[-1].name != stage.phase or phases[-1].corpus is not None:
             if any(p.name == stage.phase for p in phases):
                 raise RecipeError(f"stage {stage.name!r} belongs to phase {stage.phase!r}, which an earlier "
                                   "stage of another phase already closed; reorder the stages",
                                   file=str(loaded.file), path=f"stages.{stage.name}")
             input_phase = phases[-1].name if phases else INPUT_PHASE
             phases.append(PhaseSpec(stage.phase, input_phase, []))
-        spec = StageSpec(stage.name, registry.STAGES[stage.name], stage.params.model_dump(mode="json"))
         phases[-1].stages.append(spec)
     sinks = [SinkSpec(name, registry.SINKS[name], params.model_dump(mode="json"))
              for name, params in loaded.sink_params.items()]
-    return Plan(loaded, source, phases, stages, sinks, RunLayout(loaded.output_path()))
+    return Plan(loaded, source, phases, stages, sinks, layout)
 
 
 def check_output_folder(plan: Plan, overwrite: bool) -> str:
@@ -141,6 +152,7 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
         timings[INPUT_PHASE] = time.perf_counter() - phase_started
         shards, source_stats = split["shards"], split["stats"]
         markers_by_phase: dict[str, list[dict[str, Any]]] = {}
+        decisions: dict[str, dict[str, Any]] = {}
         for phase in plan.phases:
             task = bars.add_task(phase.name, total=source_stats["rows_out"] if phase is plan.phases[0] else None)
             total_in = _phase_input_rows(layout, phase.input_phase, shards, markers_by_phase)
@@ -152,6 +164,8 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
                 gpus_per_worker=max(s.resources.gpus for s in stage_objects) if device["gpus"] else 0.0,
                 memory_per_worker=sum(s.resources.memory_bytes for s in stage_objects))
             phase_started = time.perf_counter()
+            if phase.corpus is not None:
+                decisions[phase.name] = _decide(phase, layout, shards, context, worker_plan)
             markers_by_phase[phase.name] = run_phase(
                 phase, layout, shards, worker_plan, context, batch_rows=recipe.engine.batch_rows,
                 on_progress=lambda rows, task=task: bars.advance(task, rows))
@@ -172,7 +186,7 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
     stage_stats = _collect_stage_stats(source_stats, plan, markers_by_phase)
     manifest = build_manifest(
         plan=plan, layout=layout, device=device, resources=resources, stage_stats=stage_stats,
-        phase_seconds=timings, outputs=outputs, final_files=final_files, dropped_rows=dropped,
+        phase_seconds=timings, outputs=outputs, final_files=final_files, dropped_rows=dropped, decisions=decisions,
         started_at=started_at, seconds=time.perf_counter() - started)
     if not manifest["reconciliation"]["ok"]:
         # Never publish a manifest that does not add up; keep the work area to look into it.
@@ -183,6 +197,20 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
     if not recipe.engine.keep_work:
         shutil.rmtree(layout.work, ignore_errors=True)
     return manifest
+
+
+def _decide(phase: PhaseSpec, layout: RunLayout, shards: int, context: StageContext,
+            worker_plan: cluster.WorkerPlan) -> dict[str, Any]:
+    """Run a corpus stage's decision as one Ray task (reused when a resumed run finds it saved)."""
+    files = [str(layout.shard_file(phase.input_phase, s)) for s in range(shards)]
+    remote = ray.remote(decide).options(num_cpus=worker_plan.cpus_per_worker, num_gpus=worker_plan.gpus_per_worker,
+                                        max_retries=0)
+    try:
+        return ray.get(remote.remote(phase.corpus.target, phase.corpus.params, context, files,
+                                     str(layout.phase_dir(phase.name))))
+    except ray.exceptions.RayError as error:
+        cause = getattr(error, "cause", error)
+        raise StageFailure(f"phase {phase.name!r}, corpus decision: {type(cause).__name__}: {cause}") from None
 
 
 def _phase_input_rows(layout: RunLayout, input_phase: str, shards: int,

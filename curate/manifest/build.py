@@ -82,7 +82,8 @@ def _kinds(files: list[Path]) -> dict[str, int]:
 def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], resources: dict[str, float],
                    stage_stats: list[dict[str, Any]], phase_seconds: dict[str, float],
                    outputs: list[dict[str, Any]], final_files: list[Path], dropped_rows: int,
-                   started_at: float, seconds: float) -> dict[str, Any]:
+                   started_at: float, seconds: float, decisions: dict[str, dict[str, Any]] | None = None,
+                   models: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Build and validate the manifest of a finished run."""
     source_stats = stage_stats[0]
     shards = [file for marker in outputs for file in marker["files"]]
@@ -115,7 +116,8 @@ def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], r
         "sources": [{**plan.source.describe(), "rows": input_rows}],
         "stages": stage_stats,
         "phases": [{"name": name, "seconds": round(value, 3)} for name, value in phase_seconds.items()],
-        "models": [],
+        "models": models or [],
+        "decisions": decisions or {},
         "kinds": _kinds(final_files),
         "outputs": {"formats": formats, "rows": output_rows, "shards": shards},
         "drop_log": {
