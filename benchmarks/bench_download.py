@@ -162,6 +162,37 @@ def _stat(pid: int) -> tuple[int, int, int] | None:
     return int(fields[1]), int(fields[19]), int(fields[11]) + int(fields[12])
 
 
+def _label(pid: int) -> str:
+    """A short name for a process: Ray's worker title, the Python script or module, or the program."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return "?"
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0].split(".")[0]
+    program = os.path.basename(argv[0].split()[0])
+    if program.startswith("python"):
+        if "-c" in argv:
+            code = " ".join(argv[argv.index("-c") + 1:])
+            return "multiprocessing child" if "multiprocessing" in code else "python -c"
+        rest = [a for a in argv[1:] if not a.startswith("-")]
+        if "-m" in argv[1:2] and rest:
+            return f"python -m {rest[0]}"
+        return os.path.basename(rest[0]) if rest else program
+    return program
+
+
+def _busy_ticks() -> int:
+    """CPU ticks the whole machine spent busy since boot (all CPUs)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields[:8]) - idle
+
+
 def _rss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/statm", "rb") as f:
@@ -194,6 +225,7 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.interval, self.pss_every = root, interval, pss_every
         self.tracked: dict[tuple[int, int], int] = {}  # (pid, start) -> last cpu ticks
+        self.labels: dict[tuple[int, int], str] = {}  # (pid, start) -> what the process is
         self.peak_rss = self.peak_pss = self.peak_procs = 0
         self.samples = 0
         self.timeline: list[tuple[float, int]] = []
@@ -230,7 +262,11 @@ class TreeSampler(threading.Thread):
             todo.extend(children.get(pid, ()))
         rss = 0
         for pid in tree:
-            self.tracked[(pid, stats[pid][1])] = stats[pid][2]
+            key = (pid, stats[pid][1])
+            self.tracked[key] = stats[pid][2]
+            label = _label(pid)  # re-read: Ray workers retitle themselves after start
+            if label != "?" or key not in self.labels:
+                self.labels[key] = label
             rss += _rss(pid)
         self.samples += 1
         self.peak_rss = max(self.peak_rss, rss)
@@ -250,6 +286,12 @@ class TreeSampler(threading.Thread):
     def cpu_seconds(self) -> float:
         return sum(self.tracked.values()) / TICKS
 
+    def cpu_by_label(self) -> dict[str, float]:
+        totals: collections.Counter = collections.Counter()
+        for key, ticks in self.tracked.items():
+            totals[self.labels.get(key, "?")] += ticks / TICKS
+        return {label: round(seconds, 1) for label, seconds in totals.most_common()}
+
 
 def loadavg() -> str:
     with open("/proc/loadavg") as f:
@@ -259,6 +301,7 @@ def loadavg() -> str:
 def run_measured(name: str, command: list[str], env: dict[str, str], log: Path, timeout: float) -> dict[str, Any]:
     """Run `command`, sampling its process tree; wait until every process of the tree is gone."""
     load_before = loadavg()
+    busy_before, own_before = _busy_ticks(), sum(os.times()[:2])
     with log.open("wb") as out:
         started = time.perf_counter()
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -278,6 +321,8 @@ def run_measured(name: str, command: list[str], env: dict[str, str], log: Path, 
         settled = time.perf_counter() - started
         lingering = sampler.alive()
         sampler.stop()
+    machine_cpu = (_busy_ticks() - busy_before) / TICKS
+    own_cpu = sum(os.times()[:2]) - own_before
     for pid in lingering:  # only processes of this tree, by pid
         try:
             os.kill(pid, signal.SIGKILL)
@@ -288,6 +333,8 @@ def run_measured(name: str, command: list[str], env: dict[str, str], log: Path, 
         "until_tree_gone_s": round(settled, 2), "lingering_pids": lingering,
         "peak_rss_mib": round(sampler.peak_rss / 2**20, 1), "peak_pss_mib": round(sampler.peak_pss / 2**20, 1),
         "peak_processes": sampler.peak_procs, "cpu_s": round(sampler.cpu_seconds(), 1),
+        "cpu_s_by_process": sampler.cpu_by_label(), "machine_cpu_s": round(machine_cpu, 1),
+        "bench_cpu_s": round(own_cpu, 1),
         "samples": sampler.samples, "load_before": load_before, "load_after": loadavg(), "log": str(log),
     }
 
@@ -421,6 +468,7 @@ def report(meta: dict[str, Any], runs: dict[str, list[dict[str, Any]]], expects:
     row("CPU time of the tree, s", c, i, lambda r: r["cpu_s"])
     row("HTTP requests served", c, i, lambda r: r["server_requests"], "{:,.0f}")
     row("CPU time of the loopback server, s", c, i, lambda r: r["server_cpu_s"])
+    row("CPU time of other processes on the machine, s", c, i, lambda r: r["other_cpu_s"])
     if ct and it:
         lines += ["", f"| start-up run ({TINY_ROWS} URLs) | curate | img2dataset | curate / img2dataset |",
                   "| --- | ---: | ---: | ---: |"]
@@ -429,6 +477,7 @@ def report(meta: dict[str, Any], runs: dict[str, list[dict[str, Any]]], expects:
         row("peak PSS, summed over process tree, MiB", ct, it, lambda r: r["peak_pss_mib"], "{:,.0f}")
         row("peak processes in tree", ct, it, lambda r: r["peak_processes"], "{:,.0f}")
         row("CPU time of the tree, s", ct, it, lambda r: r["cpu_s"])
+        row("CPU time of other processes on the machine, s", ct, it, lambda r: r["other_cpu_s"])
         c_net = median([r["wall_s"] for r in c]) - median([r["wall_s"] for r in ct])
         i_net = median([r["wall_s"] for r in i]) - median([r["wall_s"] for r in it])
         c_ok, i_ok = median([r["successes"] for r in c]), median([r["successes"] for r in i])
@@ -442,6 +491,13 @@ def report(meta: dict[str, Any], runs: dict[str, list[dict[str, Any]]], expects:
     lines += ["", "curate's own phase timings (manifest, medians): "
               + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
               + f"; the rest of the wall time (imports, Ray start and stop, drop log, manifest) {rest:.1f} s."]
+
+    for tool, group in (("curate", c), ("img2dataset", i)):
+        labels = {label for r in group for label in r["cpu_s_by_process"]}
+        by_label = {label: median([r["cpu_s_by_process"].get(label, 0.0) for r in group]) for label in labels}
+        top = sorted(by_label.items(), key=lambda item: -item[1])
+        lines.append(f"CPU s by process, {tool} (medians): "
+                     + ", ".join(f"{label} {seconds:.1f}" for label, seconds in top if seconds >= 0.1) + ".")
 
     lines += ["", "| planted condition | rows | curate kept | img2dataset kept |", "| --- | ---: | ---: | ---: |"]
     planted = collections.Counter(e for conditions in expects.values() for e in conditions)
@@ -521,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
                     server_cpu = _stat(server.pid)[2]
                     run = run_measured(name, command, env, workdir / f"{name}.log", args.timeout)
                     run["server_cpu_s"] = round((_stat(server.pid)[2] - server_cpu) / TICKS, 1)
+                    # CPU time of everything else on the machine over the same interval (other users' load).
+                    run["other_cpu_s"] = round(max(0.0, run["machine_cpu_s"] - run["cpu_s"] - run["server_cpu_s"]
+                                                   - run["bench_cpu_s"]), 1)
                     server.stdin.write("stats\n")
                     server.stdin.flush()
                     run["server_requests"] = json.loads(server.stdout.readline())["hits"]

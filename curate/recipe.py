@@ -40,6 +40,7 @@ class OutputSpec(BaseModel):
     formats: list[str] = Field(default_factory=lambda: ["parquet", "webdataset"], min_length=1)
     shard_rows: int | None = Field(10_000, ge=1)  # a shard closes at this many samples...
     shard_bytes: int | None = Field(512 * 1024 * 1024, ge=1)  # ...or this many image bytes
+    embeddings: bool = False  # keep the CLIP embeddings column in Parquet shards (it stays in the work area anyway)
 
 
 class EngineSpec(BaseModel):

@@ -16,6 +16,9 @@ SOURCES: dict[str, str] = {
 STAGES: dict[str, str] = {
     "fetch": "curate.fetch.stage:FetchStage",
     "basic_filter": "curate.ops.basic_filter:BasicFilter",
+    "language": "curate.ops.language:LanguageFilter",
+    "clip_score": "curate.ops.clip_score:ClipScoreStage",
+    "aesthetic": "curate.ops.aesthetic:AestheticStage",
     "top_fraction": "curate.ops.top_fraction:TopFractionFilter",
 }
 

@@ -45,6 +45,14 @@ SCORES = pa.struct(
     ]
 )
 
+EMBEDDINGS = pa.struct(
+    [
+        ("model", pa.string()),  # which CLIP produced them: "<model>/<pretrained tag or weights sha256 prefix>"
+        ("image", pa.list_(pa.float16())),  # L2-normalised image embedding of images[0]
+        ("text", pa.list_(pa.float16())),  # L2-normalised embedding of the scored caption
+    ]
+)
+
 SOURCE = pa.struct(
     [
         ("dataset", pa.string()),
@@ -63,6 +71,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("segments", pa.list_(SEGMENT)),
         pa.field("captions", pa.list_(CAPTION)),
         pa.field("scores", SCORES),
+        pa.field("embeddings", EMBEDDINGS),
         pa.field("roles", pa.list_(pa.string())),
         pa.field("source", SOURCE),
         pa.field("meta", pa.string()),

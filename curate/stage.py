@@ -98,6 +98,10 @@ class Stage:
     def teardown(self) -> None:
         """Release what `setup` acquired."""
 
+    def model_info(self) -> list[dict]:
+        """The models this stage uses (name, weights, sha256, ...), for the manifest."""
+        return []
+
 
 def with_drops(batch: pa.Table, reasons: list[str | None], details: list[str | None] | None = None) -> pa.Table:
     """Attach per-row drop reasons (None = keep) and details to `batch`.

@@ -179,7 +179,8 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
         phase_started = time.perf_counter()
         outputs = write_outputs(layout, final_files, plan.sinks, recipe.output.shard_rows, recipe.output.shard_bytes,
                                 write_plan.cpus_per_worker, max_in_flight=2 * write_plan.workers,
-                                on_progress=lambda rows: bars.advance(task, rows))
+                                on_progress=lambda rows: bars.advance(task, rows),
+                                keep_embeddings=recipe.output.embeddings)
         timings["write"] = time.perf_counter() - phase_started
 
     dropped = write_drop_log(layout, [INPUT_PHASE] + [p.name for p in plan.phases], shards)
@@ -187,6 +188,7 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
     manifest = build_manifest(
         plan=plan, layout=layout, device=device, resources=resources, stage_stats=stage_stats,
         phase_seconds=timings, outputs=outputs, final_files=final_files, dropped_rows=dropped, decisions=decisions,
+        models=[info for stage in plan.stages for info in stage.model_info()],
         started_at=started_at, seconds=time.perf_counter() - started)
     if not manifest["reconciliation"]["ok"]:
         # Never publish a manifest that does not add up; keep the work area to look into it.

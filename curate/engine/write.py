@@ -56,7 +56,7 @@ def row_image_bytes(path: Path) -> list[int]:
     lengths = pc.fill_null(pc.list_value_length(table.column("image_meta")), 0).to_pylist()
     totals, offset = [], 0
     for length in lengths:
-        totals.append(sum(sizes[offset:offset + length]))
+        totals.append(sum(sizes[offset : offset + length]))
         offset += length
     return totals
 
@@ -92,6 +92,14 @@ def plan_output_shards(files: list[Path], shard_rows: int | None, shard_bytes: i
     return shards
 
 
+def _without_embeddings(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    for table in tables:
+        index = table.schema.get_field_index("embeddings")
+        yield table.set_column(
+            index, table.schema.field(index), pa.nulls(table.num_rows, table.schema.field(index).type)
+        )
+
+
 def _segment_tables(segments: list[Segment], batch_rows: int = 256) -> Iterator[pa.Table]:
     for segment in segments:
         parquet = pq.ParquetFile(segment.file)
@@ -106,7 +114,9 @@ def _segment_tables(segments: list[Segment], batch_rows: int = 256) -> Iterator[
                 break
 
 
-def write_output_shard(shard: OutputShard, sinks: list[SinkSpec], root: str) -> dict[str, Any]:
+def write_output_shard(
+    shard: OutputShard, sinks: list[SinkSpec], root: str, keep_embeddings: bool = False
+) -> dict[str, Any]:
     """Write `shard` with every sink (atomically), then its marker; return the marker."""
     layout = RunLayout(Path(root))
     files = []
@@ -116,29 +126,41 @@ def write_output_shard(shard: OutputShard, sinks: list[SinkSpec], root: str) -> 
         name = spec.name
         final = layout.output_file(name, shard.index, cls.extension)
         with atomic_path(final) as temporary:
-            written = sink.write(_segment_tables(shard.segments), str(temporary))
+            tables = _segment_tables(shard.segments)
+            written = sink.write(tables if keep_embeddings else _without_embeddings(tables), str(temporary))
         if written != shard.rows:
             raise RuntimeError(f"{name} sink wrote {written} rows to {final.name}, expected {shard.rows}")
-        files.append({
-            "format": name,
-            "path": str(final.relative_to(layout.root)),
-            "rows": written,
-            "bytes": final.stat().st_size,
-            "sha256": sha256_file(final),
-        })
+        files.append(
+            {
+                "format": name,
+                "path": str(final.relative_to(layout.root)),
+                "rows": written,
+                "bytes": final.stat().st_size,
+                "sha256": sha256_file(final),
+            }
+        )
     marker = {"index": shard.index, "rows": shard.rows, "files": files}
     write_json(layout.marker(WRITE_PHASE, shard.index), marker)
     return marker
 
 
-def write_outputs(layout: RunLayout, files: list[Path], sinks: list[SinkSpec], shard_rows: int | None,
-                  shard_bytes: int | None, cpus_per_task: float, max_in_flight: int,
-                  on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
+def write_outputs(
+    layout: RunLayout,
+    files: list[Path],
+    sinks: list[SinkSpec],
+    shard_rows: int | None,
+    shard_bytes: int | None,
+    cpus_per_task: float,
+    max_in_flight: int,
+    on_progress: Callable[[int], None],
+    keep_embeddings: bool = False,
+) -> list[dict[str, Any]]:
     """Plan and write all output shards, skipping those already written; return their markers in order."""
     plan_path = layout.phase_dir(WRITE_PHASE) / "plan.json"
     if plan_path.exists():
-        shards = [OutputShard(s["index"], [Segment(**g) for g in s["segments"]], s["rows"])
-                  for s in read_json(plan_path)]
+        shards = [
+            OutputShard(s["index"], [Segment(**g) for g in s["segments"]], s["rows"]) for s in read_json(plan_path)
+        ]
     else:
         shards = plan_output_shards(files, shard_rows, shard_bytes)
         write_json(plan_path, [asdict(s) for s in shards])
@@ -153,15 +175,16 @@ def write_outputs(layout: RunLayout, files: list[Path], sinks: list[SinkSpec], s
     while waiting or in_flight:
         while waiting and len(in_flight) < max_in_flight:
             shard = waiting.pop(0)
-            in_flight[remote_write.remote(shard, sinks, str(layout.root))] = shard
+            in_flight[remote_write.remote(shard, sinks, str(layout.root), keep_embeddings)] = shard
         done, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in done:
             try:
                 marker = ray.get(ref)
             except ray.exceptions.RayError as error:
                 cause = getattr(error, "cause", error)
-                raise StageFailure(f"phase 'write', output shard {in_flight[ref].index:05d}: "
-                                   f"{type(cause).__name__}: {cause}") from None
+                raise StageFailure(
+                    f"phase 'write', output shard {in_flight[ref].index:05d}: {type(cause).__name__}: {cause}"
+                ) from None
             on_progress(in_flight.pop(ref).rows)
             crash_if_asked(WRITE_PHASE, marker["index"])
     return [read_json(layout.marker(WRITE_PHASE, s.index)) for s in shards]
