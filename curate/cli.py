@@ -31,9 +31,11 @@ def _run_recipe(recipe: str, overrides: list[str], address: Optional[str], dry_r
     from curate.stage import StageFailure
 
     try:
-        plan = compile_plan(load_recipe(recipe, overrides))
+        plan = compile_plan(load_recipe(recipe, overrides), require_weights=not dry_run)
         if dry_run:
             console.print_json(json.dumps(plan.describe()))
+            for warning in plan.warnings:
+                errors.print(f"[yellow]warning:[/] {warning} (a real run stops here)", highlight=False)
             console.print("[green]recipe is valid[/] (dry run: nothing was fetched or written)")
             return None
         return execute(plan, console, address=address, verbose=verbose, overwrite=overwrite, progress=progress)

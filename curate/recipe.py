@@ -71,7 +71,8 @@ class Recipe(BaseModel):
     name: str = "recipe"
     description: str = ""
     source: dict[str, Any]
-    stages: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
+    # name -> parameters (null = defaults); `false` turns off a stage a preset or the recipe listed
+    stages: dict[str, dict[str, Any] | Literal[False] | None] = Field(default_factory=dict)
     output: OutputSpec
     engine: EngineSpec = EngineSpec()
 
@@ -169,8 +170,9 @@ def _find_preset(name: str, including_file: Path) -> Path:
     folders = [including_file.parent, including_file.parent / "filters", *PRESET_DIRS]
     for folder in folders:
         for candidate in names:
-            if (folder / candidate).is_file():
-                return (folder / candidate).resolve()
+            path = folder / candidate
+            if path.is_file() and path.resolve() != including_file.resolve():  # a recipe may share a preset's name
+                return path.resolve()
     looked = ", ".join(str(f) for f in folders)
     raise RecipeError(f"no preset {name!r} (looked in {looked})", file=str(including_file), path="include")
 
@@ -244,6 +246,8 @@ def _validate(data: dict[str, Any], file: Path) -> LoadedRecipe:
 
     stage_params: dict[str, Params] = {}
     for name, params in recipe.stages.items():
+        if params is False:
+            continue
         if name not in registry.STAGES:
             raise RecipeError(f"unknown stage; expected one of {sorted(registry.STAGES)}", file=str(file),
                               path=f"stages.{name}")

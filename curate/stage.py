@@ -57,6 +57,10 @@ class RecipeError(Exception):
         return f"{where}: {self.message}" if where else self.message
 
 
+class WeightsUnavailable(RecipeError):
+    """Model weights a recipe names are not available locally (or do not match their sha256 pin)."""
+
+
 class StageFailure(RuntimeError):
     """A stage failed as a whole (not one sample): the run stops, naming the phase and work shard."""
 

@@ -1,16 +1,18 @@
 """Train the tiny CLIP and the tiny aesthetic head shipped in curate/models/tiny/.
 
-    .venv/bin/python scripts/train_tiny_models.py [--out curate/models/tiny] [--seed 0] [--steps 700]
+    .venv/bin/python scripts/train_tiny_models.py [--out curate/models/tiny] [--seed 0] [--steps 800]
 
 Both are trained on CPU (2 threads, fixed seed, deterministic algorithms) on scenes
 drawn by curate.demo.web:
 
 1. CLIP (``curate-tiny``, config curate-tiny.json): contrastive loss on drawn scenes
-   and their true captions, each batch holding distinct scenes; images go through the
-   model's own validation transform. Saved as float16 safetensors.
-2. Aesthetic head (d -> 32 -> 1) on the saved CLIP's normalised image embeddings:
-   clean renders score 7.5, degraded ones (blur, noise, low contrast, JPEG, tiny
-   images upscaled) 7.5 - 5 x level, level in [0, 1].
+   and their true captions; images go through the model's own validation transform.
+   Half the images are degraded (blur, noise, low contrast, JPEG, tiny images
+   upscaled) and captioned as such ("a blurry image of two red circles on ..."); a
+   batch holds each of its scenes once clean and once degraded, so the image embedding has
+   to carry image quality. Saved as float16 safetensors.
+2. Aesthetic head (d -> 32 -> 1, MSE) on the saved CLIP's normalised image
+   embeddings: clean renders score 7.5, degraded ones 7.5 - 5 x level, level in [0, 1].
 
 Evaluation uses held-out draws (another seed), through curate.models exactly as the
 pipeline loads the shipped files. The script writes curate-tiny.safetensors,
@@ -49,9 +51,8 @@ SCORE_DROP = 5.0
 DEGRADED_MIN_LEVEL = 0.7  # "degraded" in the pairwise evaluation: target score <= 4
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 EVAL_SEED = 1
-# CLIP training: this share of images is degraded and captioned as such ("a blurry image of ..."),
+# CLIP training: half the images are degraded and captioned as such ("a blurry image of ..."),
 # so that the image embedding carries the quality signal the aesthetic head reads.
-DEGRADED_FRACTION = 0.3
 CAPTIONED_MIN_LEVEL = 0.4
 QUALITY_WORDS = {"blur": "blurry", "noise": "noisy", "contrast": "faded", "jpeg": "blocky", "upscale": "pixelated"}
 
@@ -102,16 +103,22 @@ def aesthetic_target(level: float) -> float:
     return CLEAN_SCORE - SCORE_DROP * level
 
 
-def clip_eval_set(n: int, seed: int) -> list[tuple[Image.Image, str, str]]:
-    """`n` held-out (image, true caption, caption of a different random scene) triples."""
+def clip_eval_set(n: int, seed: int) -> list[tuple[Image.Image, str, str, str]]:
+    """`n` held-out (image, true caption, a different random scene's caption, an unrelated scene's caption).
+
+    An unrelated scene differs in colour, shape and background, like the demo web's
+    planted mismatched captions.
+    """
     rng = rng_for(seed, "clip-eval")
     scenes = all_scenes()
-    triples = []
+    examples = []
     for _ in range(n):
         scene = rng.choice(scenes)
         other = rng.choice([s for s in scenes if s != scene])
-        triples.append((render(scene, rng), scene.caption(), other.caption()))
-    return triples
+        unrelated = rng.choice([s for s in scenes if s.colour != scene.colour and s.shape != scene.shape
+                                and s.background != scene.background])
+        examples.append((render(scene, rng), scene.caption(), other.caption(), unrelated.caption()))
+    return examples
 
 
 def aesthetic_eval_pairs(n: int, seed: int) -> list[tuple[Image.Image, Image.Image, str]]:
@@ -162,19 +169,19 @@ def quality_caption(scene: Scene, kind: str | None) -> str:
 
 
 def render_pool(scenes: list[Scene], per_scene: int, preprocess, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training images and their caption variants.
+    """Training images: per scene `per_scene` clean ones, then as many degraded ones.
 
-    Returns uint8 pixels (scenes, per_scene, 3, 64, 64) after the transform's resize and
-    crop, and per image the caption variant: 0 plain, 1 + i degraded by DEGRADATIONS[i].
+    Returns uint8 pixels (scenes, 2 * per_scene, 3, 64, 64) after the transform's resize
+    and crop, and each image's caption variant: 0 clean, 1 + i degraded by DEGRADATIONS[i].
     """
     resize_crop = type(preprocess)(preprocess.transforms[:3])  # PIL in, PIL out; ToTensor divides by 255
     rng = rng_for(seed, "clip-train")
-    pool = torch.empty((len(scenes), per_scene, 3, 64, 64), dtype=torch.uint8)
-    variant = torch.zeros((len(scenes), per_scene), dtype=torch.long)
+    pool = torch.empty((len(scenes), 2 * per_scene, 3, 64, 64), dtype=torch.uint8)
+    variant = torch.zeros((len(scenes), 2 * per_scene), dtype=torch.long)
     for i, scene in enumerate(scenes):
-        for j in range(per_scene):
+        for j in range(2 * per_scene):
             image = render(scene, rng)
-            if rng.random() < DEGRADED_FRACTION:
+            if j >= per_scene:
                 kind = rng.randrange(len(DEGRADATIONS))
                 image = degrade(image, DEGRADATIONS[kind], rng.uniform(CAPTIONED_MIN_LEVEL, 1.0), rng)
                 variant[i, j] = kind + 1
@@ -205,8 +212,11 @@ def train_clip(args, log) -> tuple[torch.nn.Module, float]:
     targets = torch.arange(args.batch_size)
     model.train()
     for step in range(args.steps):
-        chosen = torch.randperm(len(scenes), generator=generator)[: args.batch_size]
+        # Each scene once clean and once degraded, so captions that differ only in quality are negatives.
+        chosen = torch.randperm(len(scenes), generator=generator)[: args.batch_size // 2].repeat(2)
+        half = len(chosen) // 2
         picks = torch.randint(args.images_per_scene, (len(chosen),), generator=generator)
+        picks[half:] += args.images_per_scene
         images = normalise_pixels(pool[chosen, picks], preprocess)
         image_emb = F.normalize(model.encode_image(images), dim=-1)
         text_emb = F.normalize(model.encode_text(tokens[chosen, variant[chosen, picks]]), dim=-1)
@@ -253,10 +263,11 @@ def evaluate_clip(clip, n: int, seed: int) -> dict:
     """Held-out matched vs mismatched CLIP scores, accuracy and a separating threshold."""
     from curate.models.clip import clip_scores
 
-    triples = clip_eval_set(n, seed)
-    image_emb = embed_images(clip, [t[0] for t in triples])
-    matched = clip_scores(image_emb, clip.encode_texts([t[1] for t in triples]))
-    mismatched = clip_scores(image_emb, clip.encode_texts([t[2] for t in triples]))
+    examples = clip_eval_set(n, seed)
+    image_emb = embed_images(clip, [e[0] for e in examples])
+    matched, mismatched, unrelated = (
+        clip_scores(image_emb, clip.encode_texts([e[i] for e in examples])) for i in (1, 2, 3)
+    )
     threshold = separating_threshold(matched, mismatched)
     return {
         "n": n,
@@ -264,8 +275,10 @@ def evaluate_clip(clip, n: int, seed: int) -> dict:
         "clip_score_threshold": threshold,
         "matched_pass_rate": float(np.mean(matched >= threshold)),
         "mismatched_fail_rate": float(np.mean(mismatched < threshold)),
+        "unrelated_fail_rate": float(np.mean(unrelated < threshold)),
         "matched": distribution(matched),
         "mismatched": distribution(mismatched),
+        "unrelated": distribution(unrelated),
     }
 
 
@@ -308,7 +321,7 @@ def train_aesthetic(clip, args, log) -> tuple[torch.nn.Module, float]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step % 500 == 0 or step == args.aesthetic_steps - 1:
+        if step % 1000 == 0 or step == args.aesthetic_steps - 1:
             log(f"aesthetic step {step:4d}  mse {loss.item():.3f}")
     return head.eval(), time.time() - start
 
@@ -321,12 +334,15 @@ def evaluate_aesthetic(clip, head, n: int, seed: int) -> dict:
     kinds = np.array([p[2] for p in pairs])
     graded_images, graded_targets = aesthetic_examples(max(1, n // 6), seed, "aesthetic-graded")
     graded = head(embed_images(clip, graded_images))
+    threshold = separating_threshold(clean, degraded)
     return {
         "n_pairs": n,
         "pairwise_accuracy": float(np.mean(clean > degraded)),
         "pairwise_accuracy_by_kind": {k: float(np.mean((clean > degraded)[kinds == k])) for k in DEGRADATIONS},
         "spearman_graded": spearman(graded, np.array(graded_targets)),
-        "score_threshold": separating_threshold(clean, degraded),
+        "score_threshold": threshold,
+        "clean_pass_rate": float(np.mean(clean >= threshold)),
+        "degraded_fail_rate": float(np.mean(degraded < threshold)),
         "clean": distribution(clean),
         "degraded": distribution(degraded),
     }
@@ -352,13 +368,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "curate" / "models" / "tiny")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--images-per-scene", type=int, default=32)
-    parser.add_argument("--aesthetic-images", type=int, default=1200, help="clean renders; x6 with degradations")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--images-per-scene", type=int, default=16, help="clean images per scene (as many degraded)")
+    parser.add_argument("--aesthetic-images", type=int, default=1000, help="clean renders; x6 with degradations")
     parser.add_argument("--aesthetic-hidden", type=int, default=32)
-    parser.add_argument("--aesthetic-steps", type=int, default=2000)
+    parser.add_argument("--aesthetic-steps", type=int, default=4000)
     parser.add_argument("--eval-images", type=int, default=1000)
     return parser.parse_args(argv)
 
@@ -411,13 +427,16 @@ def report(calibration: dict, clip_path: Path, head_path: Path, seconds: float) 
     print(f"\nheld-out CLIP accuracy (matched > mismatched): {calibration['accuracy']:.4f}")
     print(f"matched    {calibration['matched']}")
     print(f"mismatched {calibration['mismatched']}")
+    print(f"unrelated  {calibration['unrelated']}")
     print(f"clip_score_threshold {calibration['clip_score_threshold']}: matched pass "
-          f"{calibration['matched_pass_rate']:.3f}, mismatched fail {calibration['mismatched_fail_rate']:.3f}")
+          f"{calibration['matched_pass_rate']:.3f}, mismatched fail {calibration['mismatched_fail_rate']:.3f}, "
+          f"unrelated fail {calibration['unrelated_fail_rate']:.3f}")
     print(f"held-out aesthetic pairwise accuracy (clean > degraded): {aesthetic['pairwise_accuracy']:.4f} "
           f"{aesthetic['pairwise_accuracy_by_kind']}; Spearman on graded levels {aesthetic['spearman_graded']}")
     print(f"aesthetic clean    {aesthetic['clean']}")
     print(f"aesthetic degraded {aesthetic['degraded']}")
-    print(f"aesthetic threshold {aesthetic['score_threshold']}")
+    print(f"aesthetic threshold {aesthetic['score_threshold']}: clean pass {aesthetic['clean_pass_rate']:.3f}, "
+          f"degraded fail {aesthetic['degraded_fail_rate']:.3f}")
     print(f"{clip_path.name}: {clip_path.stat().st_size} bytes, sha256 {calibration['clip_sha256']}")
     print(f"{head_path.name}: {head_path.stat().st_size} bytes, sha256 {calibration['aesthetic_sha256']}")
     print(f"total {seconds:.0f}s")

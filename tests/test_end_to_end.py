@@ -34,9 +34,14 @@ def local_ray():
     yield
 
 
+# These tests are about fetching, filtering and writing: the demo recipe's model stages are turned off
+# (tests/test_model_pass.py covers them).
+NO_MODELS = ("stages.clip_score=false", "stages.aesthetic=false")
+
+
 def run(url_list: Path, output: Path, *overrides: str, recipe: Path = DEMO_RECIPE) -> dict:
     """Run `recipe` in-process over `url_list` into `output`; return the manifest."""
-    loaded = load_recipe(recipe, [f"source.path={url_list}", f"output.path={output}", *overrides])
+    loaded = load_recipe(recipe, [f"source.path={url_list}", f"output.path={output}", *NO_MODELS, *overrides])
     return execute(compile_plan(loaded), Console(file=io.StringIO()), progress=False)
 
 
@@ -287,7 +292,7 @@ def test_interrupted_run_resumes_to_the_same_shards(uninterrupted, demo_web, tmp
         f"source.path={url_list}",
         "--set",
         f"output.path={output}",
-        *[a for pair in DETERMINISM for a in ("--set", pair)],
+        *[a for pair in (*NO_MODELS, *DETERMINISM) for a in ("--set", pair)],
     ]
     killed = cli(*args, env={"CURATE_TEST_CRASH_AFTER": f"{phase}:{shard}"})
     assert killed.returncode == 86, killed.stderr

@@ -74,7 +74,7 @@ def test_include_merges_preset_under_the_recipe(tmp_path, url_list):
     params = loaded.stage_params["basic_filter"]
     assert params.min_side == 100  # the recipe wins
     assert params.max_aspect_ratio == 3.0  # the preset fills the rest
-    assert list(loaded.stage_params) == ["fetch", "basic_filter"]
+    assert list(loaded.stage_params) == ["fetch", "basic_filter", "language"]
 
 
 def test_preset_only_stage_runs_after_the_recipes_stages(tmp_path, url_list):
@@ -84,7 +84,8 @@ def test_preset_only_stage_runs_after_the_recipes_stages(tmp_path, url_list):
         stages: {fetch: {}}
         output: {path: out}
     """)
-    assert list(load_recipe(recipe).stage_params) == ["fetch", "basic_filter"]
+    assert list(load_recipe(recipe).stage_params) == ["fetch", "basic_filter", "language"]
+    assert list(load_recipe(recipe, ["stages.language=false"]).stage_params) == ["fetch", "basic_filter"]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ planted on it in `expect`:
 - ``corrupt``: a JPEG cut in half, served with the length of what is sent;
 - ``opt_out``: served with ``X-Robots-Tag: noai``;
 - ``server_error_then_ok``: answers 500 once, then the image;
-- ``not_image``: an HTML page at an image URL.
+- ``not_image``: an HTML page at an image URL;
+- ``low_quality``: a scene with its true caption, heavily blurred and noisy (for the aesthetic filter).
 
 Everything is deterministic in `seed`: two builds give the same bytes.
 """
@@ -30,9 +31,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from curate.demo.server import Route
 
@@ -131,7 +133,8 @@ def planted_counts(n_images: int) -> dict[str, int]:
     """How many rows of each condition a web of `n_images` rows has."""
     if n_images < MIN_IMAGES:
         raise ValueError(f"n_images must be at least {MIN_IMAGES}, got {n_images}")
-    counts = {"mismatched_caption": round(0.10 * n_images), "near_duplicate": round(0.05 * n_images)}
+    counts = {"mismatched_caption": round(0.10 * n_images), "near_duplicate": round(0.05 * n_images),
+              "low_quality": round(0.05 * n_images)}
     counts.update(FIXED_COUNTS)
     counts["ok"] = n_images - sum(counts.values())
     return counts
@@ -331,6 +334,14 @@ class _Builder:
 
     def server_error_then_ok(self, index: int) -> None:
         self.add_image(index, "server_error_then_ok", self.draw(), fail_times=1, fail_status=500)
+
+    def low_quality(self, index: int) -> None:
+        drawing = self.draw()
+        blurred = drawing.image.filter(ImageFilter.GaussianBlur(radius=max(drawing.width, drawing.height) / 40))
+        noise = np.random.default_rng(self.rng.getrandbits(32)).normal(0.0, 40.0, (blurred.height, blurred.width, 1))
+        image = Image.fromarray(np.clip(np.asarray(blurred, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+        degraded = _Drawing(drawing.scene, drawing.width, drawing.height, drawing.layout_seed, image)
+        self.add_image(index, "low_quality", degraded)
 
     def not_image(self, index: int) -> None:
         caption = self.next_scene().caption()

@@ -23,7 +23,7 @@ from curate.engine.write import SinkSpec, write_outputs
 from curate.files import RunLayout, atomic_path, read_json, write_json
 from curate.manifest.build import build_manifest
 from curate.recipe import LoadedRecipe
-from curate.stage import CorpusStage, RecipeError, Stage, StageContext, StageFailure
+from curate.stage import CorpusStage, RecipeError, Stage, StageContext, StageFailure, WeightsUnavailable
 
 
 class OutputConflict(RecipeError):
@@ -40,6 +40,7 @@ class Plan:
     stages: list[Stage]
     sinks: list[SinkSpec]
     layout: RunLayout
+    warnings: list[str]
 
     def describe(self) -> dict[str, Any]:
         """What `--dry-run` prints: the plan, no work."""
@@ -52,11 +53,16 @@ class Plan:
             "outputs": {"path": str(self.layout.root), "formats": [sink.name for sink in self.sinks],
                         "shard_rows": recipe.output.shard_rows, "shard_bytes": recipe.output.shard_bytes},
             "engine": recipe.engine.model_dump(mode="json"),
+            "warnings": self.warnings,
         }
 
 
-def compile_plan(loaded: LoadedRecipe) -> Plan:
-    """Instantiate the recipe's source, stages and sinks and run every preflight check."""
+def compile_plan(loaded: LoadedRecipe, require_weights: bool = True) -> Plan:
+    """Instantiate the recipe's source, stages and sinks and run every preflight check.
+
+    Missing model weights are an error, unless `require_weights` is off (a dry run),
+    where they become warnings of the plan.
+    """
     recipe = loaded.recipe
     source_cls = registry.load(registry.SOURCES, loaded.source_type)
     source = source_cls(loaded.source_params, recipe_dir=str(loaded.directory))
@@ -69,8 +75,14 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
         raise RecipeError("this source yields URLs; add a `fetch` stage to download them",
                           file=str(loaded.file), path="stages")
     source.preflight()
+    warnings = []
     for stage in stages:
-        stage.preflight()
+        try:
+            stage.preflight()
+        except WeightsUnavailable as error:
+            if require_weights:
+                raise
+            warnings.append(str(error))
     layout = RunLayout(loaded.output_path())
     phases: list[PhaseSpec] = []
     for stage in stages:
@@ -93,7 +105,7 @@ def compile_plan(loaded: LoadedRecipe) -> Plan:
         phases[-1].stages.append(spec)
     sinks = [SinkSpec(name, registry.SINKS[name], params.model_dump(mode="json"))
              for name, params in loaded.sink_params.items()]
-    return Plan(loaded, source, phases, stages, sinks, layout)
+    return Plan(loaded, source, phases, stages, sinks, layout, warnings)
 
 
 def check_output_folder(plan: Plan, overwrite: bool) -> str:
@@ -188,7 +200,7 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
     manifest = build_manifest(
         plan=plan, layout=layout, device=device, resources=resources, stage_stats=stage_stats,
         phase_seconds=timings, outputs=outputs, final_files=final_files, dropped_rows=dropped, decisions=decisions,
-        models=[info for stage in plan.stages for info in stage.model_info()],
+        models=_models(plan, markers_by_phase),
         started_at=started_at, seconds=time.perf_counter() - started)
     if not manifest["reconciliation"]["ok"]:
         # Never publish a manifest that does not add up; keep the work area to look into it.
@@ -213,6 +225,17 @@ def _decide(phase: PhaseSpec, layout: RunLayout, shards: int, context: StageCont
     except ray.exceptions.RayError as error:
         cause = getattr(error, "cause", error)
         raise StageFailure(f"phase {phase.name!r}, corpus decision: {type(cause).__name__}: {cause}") from None
+
+
+def _models(plan: Plan, markers_by_phase: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The models as the workers loaded them (device, precision, preprocessing), else as planned."""
+    models = []
+    for phase in plan.phases:
+        loaded = next((m["models"] for m in markers_by_phase.get(phase.name, []) if m.get("models")), None)
+        if loaded is None:
+            loaded = [info for stage in plan.stages if stage.phase == phase.name for info in stage.model_info()]
+        models.extend(loaded)
+    return models
 
 
 def _phase_input_rows(layout: RunLayout, input_phase: str, shards: int,

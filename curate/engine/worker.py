@@ -78,6 +78,7 @@ class PhaseWorker:
             "rows_dropped": drops.num_rows,
             "seconds": round(time.perf_counter() - started, 3),
             "stages": {name: entry.to_json() for name, entry in stats.items()},
+            "models": [info for stage in self.stages for info in stage.model_info()],
         }
         write_json(Path(marker_path), marker)
         return marker

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from curate.models.aesthetic import AestheticSpec, check_aesthetic_available, load_aesthetic
 from curate.models.clip import ClipSpec, ModelUnavailable, check_clip_available, load_clip
-from curate.ops.clip_score import model_id, set_struct_column, torch_threads
+from curate.ops.clip_score import local_path, model_id, set_struct_column, torch_threads
 from curate.ops.image_embedding import embed_images
 from curate.stage import Params, Resources, Stage, with_drops
 
@@ -39,6 +39,13 @@ class AestheticStage(Stage):
     phase = "model"
     resources = Resources(cpus=1.0, gpus=1.0)
 
+    def __init__(self, params: AestheticParams, context=None):
+        super().__init__(params, context)
+        folder = self.context.recipe_dir
+        clip = params.clip.model_copy(update={"checkpoint": local_path(params.clip.checkpoint, folder)})
+        head = params.head.model_copy(update={"path": local_path(params.head.path, folder)})
+        self.params = params.model_copy(update={"clip": clip, "head": head})
+
     def preflight(self) -> None:
         """Refuse missing or mismatched weights before any work."""
         try:
@@ -54,7 +61,10 @@ class AestheticStage(Stage):
 
     def model_info(self) -> list[dict]:
         """What the manifest records about the CLIP model and the head."""
-        clip = getattr(self, "_clip_info", None) or check_clip_available(self.params.clip)
+        if hasattr(self, "model"):  # loaded: device, precision and preprocessing are known too
+            clip = self.model.describe()
+        else:
+            clip = getattr(self, "_clip_info", None) or check_clip_available(self.params.clip)
         head = getattr(self, "_head_info", None) or check_aesthetic_available(self.params.head)
         return [{"stage": self.name, "role": "clip", **clip}, {"stage": self.name, "role": "aesthetic_head", **head}]
 

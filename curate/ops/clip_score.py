@@ -45,6 +45,13 @@ def set_struct_column(batch: pa.Table, name: str, values: list) -> pa.Table:
     return batch.set_column(batch.schema.get_field_index(name), field, pa.array(values, field.type))
 
 
+def local_path(location: str | None, recipe_dir: str) -> str | None:
+    """A relative file path from a recipe, made absolute against the recipe's folder (URLs unchanged)."""
+    if not location or "://" in location or os.path.isabs(os.path.expanduser(location)):
+        return os.path.expanduser(location) if location else location
+    return os.path.abspath(os.path.join(recipe_dir, location))
+
+
 def torch_threads(requested: int | None) -> int:
     """Threads for torch: as asked, else what Ray's CPU share says (OMP_NUM_THREADS), at least 1."""
     if requested:
@@ -60,6 +67,12 @@ class ClipScoreStage(Stage):
     phase = "model"
     resources = Resources(cpus=1.0, gpus=1.0)  # the GPU is asked for only when the cluster has one
 
+    def __init__(self, params: ClipScoreParams, context=None):
+        super().__init__(params, context)
+        spec = params.model
+        self.params = params.model_copy(update={"model": spec.model_copy(
+            update={"checkpoint": local_path(spec.checkpoint, self.context.recipe_dir)})})
+
     def preflight(self) -> None:
         """Refuse, before any work, weights that are not available locally or do not match the pin."""
         try:
@@ -70,6 +83,8 @@ class ClipScoreStage(Stage):
 
     def model_info(self) -> list[dict]:
         """What the manifest records about the model."""
+        if hasattr(self, "model"):  # loaded: device, precision and preprocessing are known too
+            return [{"stage": self.name, "role": "clip", **self.model.describe()}]
         info = getattr(self, "_info", None) or check_clip_available(self.params.model)
         return [{"stage": self.name, "role": "clip", **info}]
 
