@@ -31,6 +31,8 @@ IMAGE_META = pa.struct(
         ("original_format", pa.string()),  # what the host served: JPEG, PNG, GIF, ...
         ("num_bytes", pa.int64()),  # size of `images[i].bytes`
         ("original_num_bytes", pa.int64()),
+        ("pixel_sha256", pa.string()),  # of the decoded RGB pixels (exact copies re-encoded identically)
+        ("phash", pa.int64()),  # 64-bit perceptual hash (DCT) of the decoded image, as a signed integer
     ]
 )
 

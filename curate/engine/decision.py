@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import registry, schema
 from curate.files import read_json, write_json, write_table
 from curate.stage import Params, Stage, StageContext, with_drops
 
-DECISION_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+# A decision row either drops its sample (reason set) or annotates it (reason null, `annotation` set):
+# the annotation is a JSON object merged into the sample's `meta` (e.g. a dedup group id).
+DECISION_SCHEMA = pa.schema(
+    [("key", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("annotation", pa.string())]
+)
 
 
 def decision_paths(phase_dir: Path) -> tuple[Path, Path]:
@@ -38,11 +44,18 @@ def decide(target: str, params: dict[str, Any], context: StageContext, files: li
     empty = pa.schema([schema.SAMPLE_SCHEMA.field(c) for c in columns]).empty_table()
     table = pa.concat_tables(tables) if tables else empty
     drops, summary = stage.decide(table)
+    dropped = pc.sum(pc.is_valid(drops.column("reason"))).as_py() or 0 if drops.num_rows else 0
     stage.teardown()
-    drops = drops.select(["key", "reason", "detail"]).cast(DECISION_SCHEMA)
+    if "annotation" not in drops.column_names:
+        drops = drops.append_column("annotation", pa.nulls(drops.num_rows, pa.string()))
+    drops = drops.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
     write_table(decision_file, drops)
-    summary = {**summary, "rows": table.num_rows, "dropped": drops.num_rows,
-               "seconds": round(time.perf_counter() - started, 3)}
+    summary = {
+        **summary,
+        "rows": table.num_rows,
+        "dropped": dropped,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
     write_json(summary_file, summary)
     return summary
 
@@ -66,12 +79,29 @@ class ApplyDecision(Stage):
 
     def setup(self) -> None:
         table = pq.read_table(self.params.decision)
-        self._reasons = dict(zip(table.column("key").to_pylist(), zip(table.column("reason").to_pylist(),
-                                                                       table.column("detail").to_pylist())))
+        self._decided = {row["key"]: row for row in table.to_pylist()}
 
     def process(self, batch: pa.Table) -> pa.Table:
-        if not hasattr(self, "_reasons"):
+        if not hasattr(self, "_decided"):
             self.setup()
-        decided = [self._reasons.get(key, (None, None)) for key in batch.column("key").to_pylist()]
-        return with_drops(batch, [d[0] for d in decided], [d[1] for d in decided])
+        decided = [self._decided.get(key) or {} for key in batch.column("key").to_pylist()]
+        if any(d.get("annotation") for d in decided):
+            metas = [
+                merge_meta(meta, d.get("annotation")) for meta, d in zip(batch.column("meta").to_pylist(), decided)
+            ]
+            batch = batch.set_column(batch.schema.get_field_index("meta"), "meta", pa.array(metas, pa.string()))
+        return with_drops(batch, [d.get("reason") for d in decided], [d.get("detail") for d in decided])
 
+
+def merge_meta(meta: str | None, annotation: str | None) -> str | None:
+    """Merge the JSON object `annotation` into the sample's `meta` JSON (a non-object meta is kept as `original`)."""
+    if not annotation:
+        return meta
+    try:
+        current = json.loads(meta) if meta else {}
+    except json.JSONDecodeError:
+        current = {"original": meta}
+    if not isinstance(current, dict):
+        current = {"original": current}
+    current.update(json.loads(annotation))
+    return json.dumps(current, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
