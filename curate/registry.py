@@ -20,6 +20,9 @@ STAGES: dict[str, str] = {
     "clip_score": "curate.ops.clip_score:ClipScoreStage",
     "aesthetic": "curate.ops.aesthetic:AestheticStage",
     "top_fraction": "curate.ops.top_fraction:TopFractionFilter",
+    "dedup_exact": "curate.dedup.exact:DedupExact",
+    "dedup_perceptual": "curate.dedup.perceptual:DedupPerceptual",
+    "dedup_semantic": "curate.dedup.semantic:DedupSemantic",
 }
 
 SINKS: dict[str, str] = {

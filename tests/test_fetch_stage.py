@@ -8,6 +8,7 @@ from PIL import Image
 
 from curate.demo.server import Route
 from curate.fetch.config import FetchParams
+from curate.fetch.image import phash
 from curate.fetch.stage import FetchStage
 from curate.schema import DROP_DETAIL, DROP_REASON, SAMPLE_SCHEMA, from_rows
 
@@ -105,11 +106,26 @@ def test_batch(stage, served):
     assert rows[5]["images"] == prefilled["images"]
     assert rows[5]["image_meta"][0]["width"] == 64 and rows[5]["image_meta"][0]["sha256"] is None
     assert "/not-fetched.jpg" not in served.routes
+    assert rows[0]["image_meta"][0]["pixel_sha256"] == rows[6]["image_meta"][0]["pixel_sha256"]
+    assert rows[3]["image_meta"][0]["pixel_sha256"] != rows[3]["image_meta"][1]["pixel_sha256"]
     assert served.routes["/a.jpg"].hits == 2  # k0 and k3 share one download; k6 arrives by redirect
+
+
+def decoded_original(served_bytes, size):
+    """The served image decoded as process_image sees it before resizing.
+
+    For JPEG the decoder scales by 1/2..1/8 while staying >= the target size (`draft`).
+    """
+    with Image.open(io.BytesIO(served_bytes)) as im:
+        if im.format == "JPEG" and size[0] * 2 <= im.width and size[1] * 2 <= im.height:
+            im.draft("RGB", size)
+        return im.convert("RGB")
 
 
 def check_image(row, index, url, served_bytes, original_format, original_size, size):
     image, info = row["images"][index], row["image_meta"][index]
+    original = decoded_original(served_bytes, size)
+    pixels = f"{original.width}x{original.height}:".encode() + original.tobytes()
     assert image["path"] is None
     decoded = Image.open(io.BytesIO(image["bytes"]))
     assert decoded.format == "PNG" and decoded.mode == "RGB"
@@ -125,7 +141,10 @@ def check_image(row, index, url, served_bytes, original_format, original_size, s
         "original_format": original_format,
         "num_bytes": len(image["bytes"]),
         "original_num_bytes": len(served_bytes),
+        "pixel_sha256": hashlib.sha256(pixels).hexdigest(),
+        "phash": phash(original),
     }
+    assert -(2**63) <= info["phash"] < 2**63
 
 
 def test_row_without_url_is_dropped(stage):

@@ -103,5 +103,13 @@ def merge_meta(meta: str | None, annotation: str | None) -> str | None:
         current = {"original": meta}
     if not isinstance(current, dict):
         current = {"original": current}
-    current.update(json.loads(annotation))
+    _deep_update(current, json.loads(annotation))
     return json.dumps(current, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _deep_update(target: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value

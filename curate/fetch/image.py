@@ -7,6 +7,21 @@ configured size and encoding, or raises `ImageError` with a drop reason:
   decompression_bomb   more pixels than max_pixels (checked from the header, before
                        decoding), or a compressed metadata chunk that expands too far
   corrupt              the data stream is truncated or broken, or anything else failed
+
+It also fingerprints the decoded image for deduplication, without decoding it twice:
+
+  pixel_sha256   sha256 of "<width>x<height>:" followed by the raw RGB bytes of the upright,
+                 sRGB-normalised image BEFORE resizing. Two files whose pixels decode
+                 identically (a PNG re-saved with other compression or metadata, a JPEG with
+                 its EXIF stripped) match even though their bytes differ; the size is part of
+                 the hash so that two images with the same bytes in another shape do not.
+                 For JPEG the decoder may already have scaled by 1/2..1/8 (`draft`), which
+                 depends only on the original size and the resize settings, so copies still
+                 match within one recipe.
+  phash          the 64-bit DCT perceptual hash (pHash, as in the `imagehash` package): the
+                 same image reduced to 32x32 (box filter) grayscale, a 2-D DCT-II, the top-left
+                 8x8 coefficients thresholded at their median, bits in row-major order, most
+                 significant first, stored as a signed int64.
 """
 
 from __future__ import annotations
@@ -51,6 +66,8 @@ class ProcessedImage:
     sha256: str  # hex digest of the original bytes
     num_bytes: int
     original_num_bytes: int
+    pixel_sha256: str  # of the decoded RGB pixels before resizing (see module docstring)
+    phash: int  # 64-bit DCT perceptual hash as a signed integer
 
 
 def process_image(data: bytes, resize: ResizeParams, encode: EncodeParams, max_pixels: int) -> ProcessedImage:
@@ -94,7 +111,10 @@ def _process(data: bytes, resize: ResizeParams, encode: EncodeParams, max_pixels
         upright = _upright(im, _orientation(im))
         swapped = upright.size != im.size
         displayed = stored_size[::-1] if swapped else stored_size
-        out = _resize(_to_rgb(upright), displayed, resize)
+        rgb = _to_rgb(upright)
+        fingerprint = pixel_sha256(rgb)
+        perceptual = phash(rgb)
+        out = _resize(rgb, displayed, resize)
         payload = _encode(out, encode)
     return ProcessedImage(
         data=payload,
@@ -107,7 +127,39 @@ def _process(data: bytes, resize: ResizeParams, encode: EncodeParams, max_pixels
         sha256=hashlib.sha256(data).hexdigest(),
         num_bytes=len(payload),
         original_num_bytes=len(data),
+        pixel_sha256=fingerprint,
+        phash=perceptual,
     )
+
+
+PHASH_SIZE = 32  # side of the grayscale image the DCT is taken of
+PHASH_LOW = 8  # side of the block of low frequencies kept: 8 x 8 = 64 bits
+
+
+def pixel_sha256(im: Image.Image) -> str:
+    """sha256 hex digest of "<width>x<height>:" and the raw bytes of the RGB image `im`."""
+    digest = hashlib.sha256(f"{im.width}x{im.height}:".encode())
+    digest.update(im.tobytes())
+    return digest.hexdigest()
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    """The (unnormalised) DCT-II matrix: row k holds cos(pi * (2i + 1) * k / (2n))."""
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    return np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+
+
+_DCT = _dct_matrix(PHASH_SIZE)
+
+
+def phash(im: Image.Image) -> int:
+    """The 64-bit DCT perceptual hash of `im` as a signed int64 (see the module docstring)."""
+    small = im.resize((PHASH_SIZE, PHASH_SIZE), Image.Resampling.BOX, reducing_gap=2.0).convert("L")
+    pixels = np.asarray(small, dtype=np.float64)
+    low = (_DCT @ pixels @ _DCT.T)[:PHASH_LOW, :PHASH_LOW]
+    bits = (low > np.median(low)).ravel()
+    return int(np.packbits(bits).view(">i8")[0])
 
 
 def _read_formats() -> tuple[str, ...]:

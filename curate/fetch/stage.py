@@ -125,6 +125,8 @@ def _meta(url: str, image: ProcessedImage) -> dict[str, Any]:
         "original_format": image.original_format,
         "num_bytes": image.num_bytes,
         "original_num_bytes": image.original_num_bytes,
+        "pixel_sha256": image.pixel_sha256,
+        "phash": image.phash,
     }
 
 
