@@ -34,9 +34,10 @@ def local_ray():
     yield
 
 
-# These tests are about fetching, filtering and writing: the demo recipe's model stages are turned off
-# (tests/test_model_pass.py covers them).
-NO_MODELS = ("stages.clip_score=false", "stages.aesthetic=false")
+# These tests are about fetching, filtering and writing: the demo recipe's model and dedup stages are
+# turned off (tests/test_model_pass.py and tests/test_dedup.py cover them).
+NO_MODELS = ("stages.clip_score=false", "stages.aesthetic=false", "stages.dedup_exact=false",
+             "stages.dedup_perceptual=false")
 
 
 def run(url_list: Path, output: Path, *overrides: str, recipe: Path = DEMO_RECIPE) -> dict:
