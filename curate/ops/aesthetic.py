@@ -7,17 +7,15 @@ column, written by clip_score), it is reused instead of decoding the image again
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from curate.models.aesthetic import AestheticSpec, check_aesthetic_available, load_aesthetic
-from curate.models.clip import ClipSpec, ModelUnavailable, check_clip_available, load_clip
-from curate.ops.clip_score import local_path, model_id, set_struct_column, torch_threads
+from curate.models.clip import ClipSpec, ModelUnavailable
+from curate.ops.clip_stage import ClipModelStage, local_path, merge_scores
 from curate.ops.image_embedding import embed_images
-from curate.stage import Params, Resources, Stage, with_drops
+from curate.stage import Params, with_drops
 
 
 class AestheticParams(Params):
@@ -31,28 +29,21 @@ class AestheticParams(Params):
     decode_threads: int = Field(2, ge=1)
 
 
-class AestheticStage(Stage):
+class AestheticStage(ClipModelStage):
     """Fills scores.aesthetic; optionally filters on it."""
 
     name = "aesthetic"
     Params = AestheticParams
-    phase = "model"
-    resources = Resources(cpus=1.0, gpus=1.0)
+    clip_field = "clip"
 
     def __init__(self, params: AestheticParams, context=None):
         super().__init__(params, context)
-        folder = self.context.recipe_dir
-        clip = params.clip.model_copy(update={"checkpoint": local_path(params.clip.checkpoint, folder)})
-        head = params.head.model_copy(update={"path": local_path(params.head.path, folder)})
-        self.params = params.model_copy(update={"clip": clip, "head": head})
+        head = self.params.head.model_copy(update={"path": local_path(self.params.head.path, self.context.recipe_dir)})
+        self.params = self.params.model_copy(update={"head": head})
 
     def preflight(self) -> None:
-        """Refuse missing or mismatched weights before any work."""
-        try:
-            self._clip_info = check_clip_available(self.params.clip)
-        except ModelUnavailable as error:
-            error.path = error.path or f"stages.{self.name}.clip"
-            raise
+        """Refuse missing or mismatched CLIP or head weights before any work."""
+        super().preflight()
         try:
             self._head_info = check_aesthetic_available(self.params.head)
         except ModelUnavailable as error:
@@ -61,27 +52,13 @@ class AestheticStage(Stage):
 
     def model_info(self) -> list[dict]:
         """What the manifest records about the CLIP model and the head."""
-        if hasattr(self, "model"):  # loaded: device, precision and preprocessing are known too
-            clip = self.model.describe()
-        else:
-            clip = getattr(self, "_clip_info", None) or check_clip_available(self.params.clip)
         head = getattr(self, "_head_info", None) or check_aesthetic_available(self.params.head)
-        return [{"stage": self.name, "role": "clip", **clip}, {"stage": self.name, "role": "aesthetic_head", **head}]
+        return [*super().model_info(), {"stage": self.name, "role": "aesthetic_head", **head}]
 
     def setup(self) -> None:
         """Load CLIP and the head once per worker (the head's input size is checked here)."""
-        import torch
-
-        torch.set_num_threads(torch_threads(self.params.torch_threads))
-        self.model = load_clip(self.params.clip, device="auto")
+        super().setup()
         self.head = load_aesthetic(self.params.head, self.model.embed_dim)
-        self.model_name = model_id(self.params.clip, self.model.describe())
-        self.pool = ThreadPoolExecutor(self.params.decode_threads, thread_name_prefix="aesthetic-decode")
-
-    def teardown(self) -> None:
-        """Stop the decode threads."""
-        if getattr(self, "pool", None) is not None:
-            self.pool.shutdown()
 
     def process(self, batch: pa.Table) -> pa.Table:
         """Fill scores.aesthetic; drop unreadable images and out-of-range scores."""
@@ -89,10 +66,7 @@ class AestheticStage(Stage):
             self.setup()
         embeddings, errors = self._image_embeddings(batch)
         scores = self.head(np.nan_to_num(embeddings)) if len(embeddings) else np.zeros(0, np.float32)
-        previous = batch.column("scores").to_pylist()
-        merged = [{**(old or {}), "aesthetic": None if error else float(score)}
-                  for old, score, error in zip(previous, scores, errors)]
-        batch = set_struct_column(batch, "scores", merged)
+        batch = merge_scores(batch, "aesthetic", [None if error else float(s) for s, error in zip(scores, errors)])
         return with_drops(batch, *self._verdicts(scores, errors))
 
     def _image_embeddings(self, batch: pa.Table) -> tuple[np.ndarray, list[str | None]]:
