@@ -82,7 +82,7 @@ class AestheticStage(ClipModelStage):
         if missing:
             images = batch.column("images").to_pylist()
             data = [images[row][0]["bytes"] if images[row] else None for row in missing]
-            computed, computed_errors = embed_images(self.model, data, self.pool, self.params.clip.batch_size)
+            computed, computed_errors = embed_images(self.model, data, self.pool, self.params.decode_threads)
             embeddings[missing] = computed
             for row, error in zip(missing, computed_errors):
                 errors[row] = error

@@ -15,7 +15,7 @@ from pydantic import Field
 from curate import schema
 from curate.models.clip import ClipSpec, clip_scores
 from curate.ops.clip_stage import ClipModelStage, merge_scores, set_struct_column
-from curate.ops.image_embedding import embed_images, embed_texts
+from curate.ops.image_embedding import collect_embeddings, embed_texts, submit_decodes
 from curate.stage import Params, with_drops
 
 
@@ -45,8 +45,9 @@ class ClipScoreStage(ClipModelStage):
         images = [row[0]["bytes"] if row else None for row in batch.column("images").to_pylist()]
         texts = [schema.caption_text(c, prefer=(self.params.caption,)) or "" for c in
                  batch.column("captions").to_pylist()]
-        image_emb, errors = embed_images(self.model, images, self.pool, self.params.model.batch_size)
-        text_emb = embed_texts(self.model, texts, self.params.model.batch_size)
+        pending = submit_decodes(self.model, images, self.pool, self.params.decode_threads)
+        text_emb = embed_texts(self.model, texts, self.params.model.batch_size)  # while the images decode
+        image_emb, errors = collect_embeddings(self.model, pending, len(images))
         scores = clip_scores(np.nan_to_num(image_emb), text_emb)
         batch = self._write_scores(batch, scores, errors)
         if self.params.keep_embeddings:

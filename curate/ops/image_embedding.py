@@ -1,14 +1,15 @@
 """Decode, preprocess and embed images with a CLIP model, decoding ahead of the model.
 
-Decoding and preprocessing run in a thread pool (Pillow releases the GIL) a few
-chunks ahead of the model, so the model waits on JPEG decoding only when decoding
-is the slower of the two.
+All images of a batch are handed to a thread pool in small chunks (Pillow releases
+the GIL while decoding); the model embeds each chunk as soon as it is ready, and a
+caller can encode texts meanwhile. So the model waits on JPEG decoding only when
+decoding is the slower of the two.
 """
 
 from __future__ import annotations
 
 import io
-from collections import deque
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
@@ -35,29 +36,36 @@ def _prepare_chunk(model: ClipModel, chunk: Sequence[bytes | None]):
     return pixels, positions, errors
 
 
-def embed_images(model: ClipModel, images: Sequence[bytes | None], pool: ThreadPoolExecutor, chunk_size: int,
-                 prefetch: int = 2) -> tuple[np.ndarray, list[str | None]]:
-    """Embed encoded images; return (n x d float32 L2-normalised, NaN rows where decoding failed; errors)."""
-    embeddings = np.full((len(images), model.embed_dim), np.nan, dtype=np.float32)
-    errors: list[str | None] = [None] * len(images)
-    starts = list(range(0, len(images), chunk_size))
-    pending: deque[tuple[int, Future]] = deque()
-    for start in starts:
-        pending.append((start, pool.submit(_prepare_chunk, model, images[start:start + chunk_size])))
-        if len(pending) > prefetch:
-            _consume(model, *pending.popleft(), embeddings, errors)
-    while pending:
-        _consume(model, *pending.popleft(), embeddings, errors)
+def decode_chunk_size(rows: int, threads: int, model_batch: int) -> int:
+    """Rows per decode task: small enough that every thread gets several and the model starts early."""
+    return max(1, min(model_batch, math.ceil(rows / (4 * threads)), 64))
+
+
+def submit_decodes(model: ClipModel, images: Sequence[bytes | None], pool: ThreadPoolExecutor,
+                   threads: int) -> list[tuple[int, Future]]:
+    """Start decoding and preprocessing all `images` in the pool, in small chunks; return (start, future)s."""
+    size = decode_chunk_size(len(images), threads, model.batch_size)
+    return [(start, pool.submit(_prepare_chunk, model, images[start:start + size]))
+            for start in range(0, len(images), size)]
+
+
+def collect_embeddings(model: ClipModel, pending: list[tuple[int, Future]],
+                       rows: int) -> tuple[np.ndarray, list[str | None]]:
+    """Embed decoded chunks as they complete, in order; (rows x d float32, NaN where decoding failed; errors)."""
+    embeddings = np.full((rows, model.embed_dim), np.nan, dtype=np.float32)
+    errors: list[str | None] = [None] * rows
+    for start, future in pending:
+        pixels, positions, chunk_errors = future.result()
+        errors[start:start + len(chunk_errors)] = chunk_errors
+        if pixels is not None:
+            embeddings[[start + p for p in positions]] = model.encode_images(pixels)
     return embeddings, errors
 
 
-def _consume(model: ClipModel, start: int, future: Future, embeddings: np.ndarray, errors: list[str | None]) -> None:
-    pixels, positions, chunk_errors = future.result()
-    for offset, error in enumerate(chunk_errors):
-        errors[start + offset] = error
-    if pixels is not None:
-        rows = [start + p for p in positions]
-        embeddings[rows] = model.encode_images(pixels)
+def embed_images(model: ClipModel, images: Sequence[bytes | None], pool: ThreadPoolExecutor,
+                 threads: int) -> tuple[np.ndarray, list[str | None]]:
+    """Decode ahead in `pool` while the model embeds what is ready; see `collect_embeddings`."""
+    return collect_embeddings(model, submit_decodes(model, images, pool, threads), len(images))
 
 
 def embed_texts(model: ClipModel, texts: Sequence[str], chunk_size: int) -> np.ndarray:
