@@ -1,20 +1,25 @@
 """Download benchmark: curate vs img2dataset on the same URL list, served on loopback.
 
-Serves the demo's synthetic web (curate.demo.web, fixed seed) on 127.0.0.1 from a
-subprocess, then runs, one after the other and each as its own subprocess:
+Serves the demo's synthetic web (curate.demo.web, fixed seed, the normal images
+scaled up 2x, to at most 1280 px) on 127.0.0.1 from a subprocess, then runs each tool,
+one at a time and each as its own subprocess, first on a tiny URL list (its fixed
+start-up cost; for curate that includes starting and stopping Ray) and then on the
+full list, writing WebDataset. This is repeated --repeat times, alternating which
+tool goes first; the tables show medians.
 
-  1. curate on a tiny URL list (start-up cost: Ray start, imports, shutdown),
-  2. img2dataset on the same tiny list,
-  3. curate on the full list, writing WebDataset,
-  4. img2dataset on the full list, writing WebDataset,
+Both tools get equivalent settings: resize keeping the ratio so that the longest
+side is 512 px, only images bigger than that; JPEG quality 95; 2 processes x 16
+threads; 2 retries; drop images under 32 px or with an aspect ratio above 4;
+500-row work units and output shards.
 
-with equivalent settings (resize keep-ratio longest side 512 only if bigger, JPEG
-quality 95, 2 processes x N threads, 2 retries, min side 32, max aspect ratio 4).
-For each run it measures wall seconds, the peak over time of the summed RSS (and
-PSS) of the tool's whole process tree (sampled from /proc), the CPU seconds of that
-tree, and reads the success counts from each tool's own outputs (curate:
-manifest.json; img2dataset: *_stats.json), cross-checked by counting the samples in
-the tars. Prints markdown tables, and writes them with the raw numbers as JSON.
+For each run it measures wall seconds, the peak over time of the summed RSS and
+PSS of the tool's whole process tree (sampled from /proc every 0.2 s), the CPU
+seconds of that tree, of the loopback server and of everything else on the machine,
+and the HTTP requests the server answered. Success counts come from each tool's
+own outputs (curate: manifest.json; img2dataset: *_stats.json), cross-checked by
+counting the samples in the tars, and the URLs in the tars are matched back to the
+condition planted on each row. Prints markdown tables; writes the raw numbers to
+WORKDIR/results.json.
 
 img2dataset runs from its own venv (see benchmarks/README.md):
 
@@ -341,7 +346,14 @@ def run_measured(name: str, command: list[str], env: dict[str, str], log: Path, 
 
 # ------------------------------------------------------------------- the tools
 
+BENCH_STAGES = ("fetch", "basic_filter")
+
+
 def curate_command(args: argparse.Namespace, url_list: str, out: Path) -> list[str]:
+    """`curate run pipelines/demo.yaml` with overrides; demo stages other than fetch and basic_filter turned off."""
+    import yaml
+
+    others = [name for name in yaml.safe_load(RECIPE.read_text())["stages"] if name not in BENCH_STAGES]
     return [
         str(REPO / ".venv" / "bin" / "curate"), "run", str(RECIPE.relative_to(REPO)),
         "--set", f"source.path={url_list}",
@@ -357,6 +369,9 @@ def curate_command(args: argparse.Namespace, url_list: str, out: Path) -> list[s
         "--set", "stages.fetch.resize.only_if_bigger=true",
         "--set", "stages.fetch.encode.format=jpg",
         "--set", "stages.fetch.encode.quality=95",
+        "--set", "stages.basic_filter.min_side=32",
+        "--set", "stages.basic_filter.max_aspect_ratio=4",
+        *[arg for name in others for arg in ("--set", f"stages.{name}=false")],
         "--overwrite", "--no-progress",
     ]
 
@@ -388,6 +403,9 @@ def tar_urls(out: Path, url_of) -> list[str]:
 
 def curate_results(out: Path) -> dict[str, Any]:
     manifest = json.loads((out / "manifest.json").read_text())
+    ran = [stage["name"] for stage in manifest["stages"] if stage.get("phase") != "input"]
+    if sorted(ran) != sorted(BENCH_STAGES):
+        raise RuntimeError(f"curate ran stages {ran}, expected only {list(BENCH_STAGES)}")
     return {
         "input_rows": manifest["reconciliation"]["input_rows"],
         "successes": manifest["outputs"]["rows"],
@@ -440,8 +458,8 @@ def report(meta: dict[str, Any], runs: dict[str, list[dict[str, Any]]], expects:
     lines = [
         f"URL list: {meta['rows']:,} rows (seed {meta['seed']}), {meta['served_mb']} MiB served on loopback; "
         f"longest side min/median/max {meta['longest_side']['min']}/{meta['longest_side']['median']}/"
-        f"{meta['longest_side']['max']} px, {meta['share_over_512']:.0%} over 512 px. Medians of {n} runs "
-        "of each tool (wall time: median, then min-max).",
+        f"{meta['longest_side']['max']} px, {meta['share_over_512']:.0%} over 512 px. curate at {meta['commit']}. "
+        f"Medians of {n} runs of each tool (wall time: median, then min-max).",
         "",
         "| full run | curate | img2dataset | curate / img2dataset |",
         "| --- | ---: | ---: | ---: |",
@@ -552,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = json.loads(server.stdout.readline())
         meta["seed"] = args.seed
+        meta["commit"] = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                        cwd=REPO).stdout.strip()
         print(f"synthetic web ready in {meta['build_seconds']} s: {meta}", flush=True)
 
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "VIRTUAL_ENV", "PYTHONPATH")}
@@ -607,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
                f"{os.sysconf('SC_PHYS_PAGES') * PAGE / 2**30:.1f} GiB RAM, Python {platform.python_version()}")
     print("\n" + text)
     print(f"\nmachine: {machine}\nuptime after: {uptime_after}")
-    print(f"load average (1/5/15 min) before/after each run: "
+    print("load average (1/5/15 min) before/after each run: "
           + "; ".join(f"{r['name']}: {r['load_before']} -> {r['load_after']}" for rs in runs.values() for r in rs))
     print(f"benchmark total: {time.perf_counter() - started:.0f} s")
     result = {"meta": meta, "machine": machine, "args": vars(args),
