@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 from rich.console import Console
 
@@ -28,9 +27,7 @@ DEMO_RECIPE = REPO / "pipelines" / "demo.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+def _ray(local_ray):
     yield
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import open_clip
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from PIL import Image
 from rich.console import Console
@@ -32,9 +31,7 @@ CALIBRATION = json.loads((REPO / "curate" / "models" / "tiny" / "calibration.jso
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+def _ray(local_ray):
     yield
 
 
