@@ -146,5 +146,23 @@ class CorpusStage(Stage):
         """Return (drops: key/reason/detail table, summary for the manifest)."""
         raise NotImplementedError
 
+    def decide_files(self, files: list[str], work_dir: str) -> tuple[pa.Table, dict, int]:
+        """Decide over the work shards `files` (in order); return (drops, summary, rows judged).
+
+        By default reads `columns` of every file into one table and calls `decide`. A stage
+        whose columns do not fit one process (embeddings of a large corpus) overrides this
+        and spreads the work over Ray tasks, using `work_dir` for intermediate files.
+        """
+        import pyarrow.parquet as pq
+
+        from curate import schema
+
+        columns = list(dict.fromkeys(("key", *self.columns)))
+        tables = [pq.read_table(f, columns=columns) for f in files]
+        empty = pa.schema([schema.SAMPLE_SCHEMA.field(c) for c in columns]).empty_table()
+        table = pa.concat_tables(tables) if tables else empty
+        drops, summary = self.decide(table)
+        return drops, summary, table.num_rows
+
     def process(self, batch: pa.Table) -> pa.Table:
         raise TypeError(f"{self.name} is corpus-wide: the engine calls decide(), not process()")

@@ -19,14 +19,18 @@ Rows without an image embedding are not judged.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.dedup.common import decide_duplicates
+from curate.dedup.partitioned import partitioned_pairs
 from curate.dedup.search import float_pairs
 from curate.stage import CorpusStage, Params
 
@@ -41,6 +45,10 @@ class DedupSemanticParams(Params):
     policy: Literal["semdedup", "components"] = "semdedup"
     exact_below: int = Field(100_000, ge=0)  # IndexFlatIP up to this many rows, IndexIVFFlat above
     nprobe: int = Field(16, ge=1)
+    # Above this many rows the search runs over k-means partitions as parallel Ray tasks.
+    partition_above: int = Field(500_000, ge=0)
+    cluster_rows: int = Field(2_000, ge=2)  # rows per k-means cluster when partitioned
+    probe: int = Field(3, ge=1)  # clusters each sample is compared with when partitioned
 
 
 def image_embeddings(table: pa.Table) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -84,3 +92,32 @@ class DedupSemantic(CorpusStage):
 
         return decide_duplicates("semantic", table, judged, params.policy, find_edges,
                                  {"threshold": f"cosine >= {params.threshold}", "models": models})
+
+    def decide_files(self, files: list[str], work_dir: str) -> tuple[pa.Table, dict, int]:
+        """Small corpora: one process (see `decide`). Large ones: k-means partitions searched by Ray tasks."""
+        counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        rows = sum(counts)
+        if rows <= self.params.partition_above:
+            return super().decide_files(files, work_dir)
+        import ray
+
+        params = self.params
+        parallelism = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        partitions = Path(work_dir) / "semantic"
+        i, j, cosine, judged_rows, models, index = partitioned_pairs(files, params.threshold, params.cluster_rows,
+                                                             params.probe, str(partitions), parallelism)
+        table = pa.concat_tables([pq.read_table(f, columns=["key", "image_meta", "scores", "meta"]) for f in files])
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        judged = np.zeros(rows, dtype=bool)
+        for shard, judged_in_shard in enumerate(judged_rows):
+            judged[offsets[shard] + judged_in_shard] = True
+
+        def find_edges(ordered: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
+            rank = np.full(rows, -1, dtype=np.int64)
+            rank[ordered] = np.arange(len(ordered))
+            return rank[i], rank[j], [f"cosine {c:.4f}" for c in cosine.tolist()], {"index": index}
+
+        drops, summary = decide_duplicates("semantic", table, judged, params.policy, find_edges,
+                                           {"threshold": f"cosine >= {params.threshold}", "models": models})
+        shutil.rmtree(partitions, ignore_errors=True)
+        return drops, summary, rows

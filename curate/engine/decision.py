@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import registry, schema
+from curate import registry
 from curate.files import read_json, write_json, write_table
 from curate.stage import Params, Stage, StageContext, with_drops
 
@@ -39,11 +39,7 @@ def decide(target: str, params: dict[str, Any], context: StageContext, files: li
     stage = cls(cls.Params.model_validate(params), context)
     stage.setup()
     started = time.perf_counter()
-    columns = list(dict.fromkeys(("key", *cls.columns)))
-    tables = [pq.read_table(f, columns=columns) for f in files]
-    empty = pa.schema([schema.SAMPLE_SCHEMA.field(c) for c in columns]).empty_table()
-    table = pa.concat_tables(tables) if tables else empty
-    drops, summary = stage.decide(table)
+    drops, summary, rows = stage.decide_files(files, phase_dir)
     dropped = pc.sum(pc.is_valid(drops.column("reason"))).as_py() or 0 if drops.num_rows else 0
     stage.teardown()
     if "annotation" not in drops.column_names:
@@ -52,7 +48,7 @@ def decide(target: str, params: dict[str, Any], context: StageContext, files: li
     write_table(decision_file, drops)
     summary = {
         **summary,
-        "rows": table.num_rows,
+        "rows": rows,
         "dropped": dropped,
         "seconds": round(time.perf_counter() - started, 3),
     }
