@@ -1,0 +1,238 @@
+"""`curate retry OUTPUT`: fetch again only the rows a finished run dropped for a transient reason.
+
+1. The drops of stage `fetch` whose reason is retryable (curate.fetch.reasons.RETRYABLE:
+   timeouts, connection errors, 408/429/5xx, rate limits) are selected from the drop log.
+2. The recipe recorded in the manifest runs again, its source filtered to those keys, into
+   `OUTPUT/_retry/<n>/out` (an ordinary run: it resumes if interrupted and reconciles).
+3. The merge is prepared in full first (`_retry/<n>/merge/`: the new drop log, the new
+   manifest, and the list of shard moves), then applied: shards moved in under the next free
+   part numbers, drop log and manifest replaced, each step atomic and idempotent. A retry
+   interrupted during the merge is finished by the next call, which then stops there.
+
+Afterwards, input rows = output rows + dropped rows still holds; the manifest's `retries`
+lists every retry. Corpus-wide stages (dedup, top fraction) see the retried rows only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from rich.console import Console
+
+from curate.files import read_json, sha256_file, write_json, write_table
+from curate.manifest.build import field_statistics, image_counts, summarize
+from curate.manifest.validate import validate_manifest
+from curate.stage import RecipeError
+
+RETRY_DIR = "_retry"
+FETCH_STAGE = "fetch"
+
+
+class KeyFilteredSource:
+    """A source that yields only the rows of `inner` whose key is in `keys` (same order, same keys)."""
+
+    def __init__(self, inner: Any, keys: set[str]):
+        self.inner = inner
+        self.keys = pa.array(sorted(keys), pa.string())
+        self.name = inner.name
+        self.params = inner.params
+
+    def preflight(self) -> None:
+        """The wrapped source's checks."""
+        self.inner.preflight()
+
+    def iter_batches(self, batch_rows: int) -> Iterator[pa.Table]:
+        """The wrapped source's batches, restricted to the retried keys."""
+        for batch in self.inner.iter_batches(batch_rows):
+            chosen = batch.filter(pc.is_in(batch.column("key"), value_set=self.keys))
+            if chosen.num_rows:
+                yield chosen
+
+    def describe(self) -> dict[str, Any]:
+        """The wrapped source's description plus how many keys are retried."""
+        return {**self.inner.describe(), "retried_keys": len(self.keys)}
+
+
+def retryable_keys(drops: pa.Table) -> dict[str, str]:
+    """key -> reason of the fetch drops a later attempt may cure."""
+    from curate.fetch.reasons import RETRYABLE
+
+    keys = {}
+    for row in drops.select(["key", "stage", "reason"]).to_pylist():
+        if row["stage"] == FETCH_STAGE and row["reason"] in RETRYABLE:
+            keys[row["key"]] = row["reason"]
+    return keys
+
+
+def retry(output: Path, console: Console, overrides: list[str] | None = None, address: str | None = None,
+          verbose: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Retry the transient fetch failures of the complete output at `output`; return the new manifest."""
+    output = output.resolve()
+    manifest_file = output / "manifest.json"
+    if not manifest_file.exists():
+        raise RecipeError("not a complete curate output (no manifest.json); finish the run first", file=str(output))
+    pending = sorted((output / RETRY_DIR).glob("*/merge/plan.json"))
+    if pending:  # the previous retry stopped during its merge: finishing it completes that retry
+        console.print(f"[yellow]finishing[/] the interrupted merge of retry {pending[0].parent.parent.name}")
+        return _apply_merge(output, pending[0].parent)
+    manifest = read_json(manifest_file)
+    drops = pq.read_table(output / manifest["drop_log"]["path"])
+    keys = retryable_keys(drops)
+    if not keys:
+        console.print("nothing to retry: no fetch drop has a retryable reason")
+        return manifest
+    console.print(f"retrying {len(keys)} rows: {dict(sorted(Counter(keys.values()).items()))}")
+    attempt = len(manifest.get("retries", [])) + 1
+    work = output / RETRY_DIR / f"{attempt:03d}"
+    sub_manifest = _run_subset(manifest, keys, work / "out", console, overrides or [], address, verbose, progress)
+    merge = work / "merge"
+    _prepare_merge(output, manifest, drops, keys, work / "out", sub_manifest, merge, attempt)
+    merged = _apply_merge(output, merge)
+    return merged
+
+
+def _run_subset(manifest: dict[str, Any], keys: dict[str, str], out: Path, console: Console, overrides: list[str],
+                address: str | None, verbose: bool, progress: bool) -> dict[str, Any]:
+    """Run the manifest's recipe over the retried keys only, into `out`."""
+    from dataclasses import replace
+
+    from curate.engine.run import compile_plan, execute
+    from curate.recipe import _apply_override, _validate
+
+    data = manifest["recipe"]["resolved"]
+    file = Path(manifest["recipe"]["file"])
+    data = {**data, "output": {**data["output"], "path": str(out)}, "engine": {**data["engine"], "keep_work": False}}
+    for override in overrides:
+        _apply_override(data, override, file)
+    plan = compile_plan(_validate(data, file))
+    plan = replace(plan, source=KeyFilteredSource(plan.source, set(keys)))
+    return execute(plan, console, address=address, verbose=verbose, progress=progress)
+
+
+def _prepare_merge(output: Path, manifest: dict[str, Any], drops: pa.Table, keys: dict[str, str], sub_out: Path,
+                   sub: dict[str, Any], merge: Path, attempt: int) -> None:
+    """Write the merged drop log, the merged manifest and the shard moves under `merge` (nothing applied yet)."""
+    moves = []
+    shards = list(manifest["outputs"]["shards"])
+    for entry in sub["outputs"]["shards"]:
+        folder = entry["path"].split("/", 1)[0]
+        taken = {Path(s["path"]).name for s in shards if s["path"].startswith(folder + "/")}
+        index = len(taken)
+        while any(name.startswith(f"part-{index:05d}") for name in taken):
+            index += 1
+        target = f"{folder}/part-{index:05d}{Path(entry['path']).suffix}"
+        moves.append({"from": str(sub_out / entry["path"]), "to": target})
+        shards.append({**entry, "path": target})
+    retried = pa.array(sorted(keys), pa.string())
+    remaining = drops.filter(pc.invert(pc.is_in(drops.column("key"), value_set=retried)))
+    new_drops = pq.read_table(sub_out / sub["drop_log"]["path"]).cast(drops.schema)
+    merged_drops = pa.concat_tables([remaining, new_drops])
+    write_table(merge / "drops.parquet", merged_drops)
+    merged = _merged_manifest(manifest, sub, keys, shards, merged_drops, merge / "drops.parquet", output, moves,
+                              attempt)
+    write_json(merge / "manifest.json", merged)
+    write_json(merge / "plan.json", {"moves": moves})
+
+
+def _merged_manifest(manifest: dict[str, Any], sub: dict[str, Any], keys: dict[str, str], shards: list[dict],
+                     drops: pa.Table, drops_file: Path, output: Path, moves: list[dict], attempt: int) -> dict:
+    merged = {**manifest}
+    recovered = sub["outputs"]["rows"]
+    merged["stages"] = _merged_stages(manifest["stages"], sub["stages"], keys)
+    merged["outputs"] = {**manifest["outputs"], "rows": manifest["outputs"]["rows"] + recovered, "shards": shards}
+    reasons = drops.column("reason").to_pylist()
+    merged["drop_log"] = {**manifest["drop_log"], "rows": drops.num_rows, "sha256": sha256_file(drops_file),
+                          "by_reason": dict(sorted(Counter(reasons).items()))}
+    kinds = Counter(manifest.get("kinds", {}))
+    kinds.update(sub.get("kinds", {}))
+    merged["kinds"] = dict(sorted(kinds.items()))
+    parquet_shards = [s for s in shards if s["format"] == "parquet"]
+    if parquet_shards:
+        files = [_final_path(output, s["path"], moves) for s in parquet_shards]
+        images, per_sample = image_counts(files)
+        merged["images"] = images
+        merged["statistics"] = {**field_statistics(files), "images_per_sample": summarize(per_sample)}
+    rows_by_format = {name: sum(s["rows"] for s in shards if s["format"] == name)
+                      for name in manifest["outputs"]["formats"]}
+    output_rows = merged["outputs"]["rows"]
+    input_rows = manifest["reconciliation"]["input_rows"]
+    merged["reconciliation"] = {
+        "input_rows": input_rows, "output_rows": output_rows, "dropped_rows": drops.num_rows,
+        "rows_by_format": rows_by_format,
+        "ok": input_rows == output_rows + drops.num_rows and len(set(rows_by_format.values())) <= 1,
+    }
+    merged["retries"] = [*manifest.get("retries", []), {
+        "attempt": attempt,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "retried_rows": len(keys),
+        "retried_by_reason": dict(sorted(Counter(keys.values()).items())),
+        "recovered_rows": recovered,
+        "dropped_again": dict(sorted(Counter(pq.read_table(drops_file, columns=["key", "reason"]).filter(
+            pc.is_in(pc.field("key"), value_set=pa.array(sorted(keys)))).column("reason").to_pylist()).items())),
+        "seconds": sub["seconds"],
+        "decisions": sub.get("decisions", {}),
+    }]
+    if not merged["reconciliation"]["ok"]:
+        raise RuntimeError(f"retry merge does not reconcile: {merged['reconciliation']}")
+    validate_manifest(merged)
+    return merged
+
+
+def _final_path(output: Path, relative: str, moves: list[dict]) -> Path:
+    """Where a shard is now: still in the retry folder if its move is not applied yet."""
+    for move in moves:
+        if move["to"] == relative and not (output / relative).exists():
+            return Path(move["from"])
+    return output / relative
+
+
+def _merged_stages(stages: list[dict], sub_stages: list[dict], keys: dict[str, str]) -> list[dict]:
+    """Per-stage counts of the first run plus the retry's, the retried fetch drops taken back."""
+    by_name = {s["name"]: s for s in sub_stages}
+    taken_back = Counter(keys.values())
+    merged = []
+    for stage in stages:
+        stage = {**stage, "dropped": dict(stage.get("dropped", {}))}
+        extra = by_name.get(stage["name"])
+        if stage["name"] == "source" or extra is None:
+            merged.append(stage)
+            continue
+        if stage["name"] == FETCH_STAGE:
+            stage["rows_in"] -= len(keys)
+            for reason, count in taken_back.items():
+                stage["dropped"][reason] = stage["dropped"].get(reason, 0) - count
+        stage["rows_in"] += extra["rows_in"]
+        stage["rows_out"] += extra["rows_out"]
+        for reason, count in extra.get("dropped", {}).items():
+            stage["dropped"][reason] = stage["dropped"].get(reason, 0) + count
+        stage["dropped"] = {r: c for r, c in sorted(stage["dropped"].items()) if c}
+        merged.append(stage)
+    return merged
+
+
+def _apply_merge(output: Path, merge: Path) -> dict[str, Any]:
+    """Move the shards in, then replace the drop log, then the manifest; safe to repeat after a crash."""
+    plan = read_json(merge / "plan.json")
+    for move in plan["moves"]:
+        source, target = Path(move["from"]), output / move["to"]
+        if source.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+        elif not target.exists():
+            raise RuntimeError(f"retry merge: {source} is gone and {target} was never written")
+    if (merge / "drops.parquet").exists():
+        os.replace(merge / "drops.parquet", output / "drops.parquet")
+    merged = read_json(merge / "manifest.json")
+    write_json(output / "manifest.json", merged)
+    shutil.rmtree(merge.parent, ignore_errors=True)
+    if (output / RETRY_DIR).exists() and not any((output / RETRY_DIR).iterdir()):
+        (output / RETRY_DIR).rmdir()
+    return merged

@@ -1,0 +1,144 @@
+"""`curate retry`: transient fetch failures are fetched again and merged in; 404s are left alone."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+from rich.console import Console
+
+from curate.demo.server import LoopbackServer, Route
+from curate.engine import retry as retry_module
+from curate.engine.retry import retry
+from curate.engine.run import compile_plan, execute
+from curate.manifest.verify import verify_output
+from curate.recipe import load_recipe
+
+
+def jpeg(seed: int) -> bytes:
+    rng = random.Random(seed)
+    image = Image.new("RGB", (96, 72), tuple(rng.randrange(256) for _ in range(3)))
+    for _ in range(6):
+        x, y = rng.randrange(80), rng.randrange(60)
+        image.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 16, y + 12))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def routes() -> dict[str, Route]:
+    """ok: always served; flaky: 503 three times; busy: 429 three times; missing: 404; down: always 503."""
+    table = {}
+    for n in range(10):
+        table[f"/ok/{n}.jpg"] = Route(body=jpeg(n))
+    for n in range(4):
+        table[f"/flaky/{n}.jpg"] = Route(body=jpeg(100 + n), fail_times=3, fail_status=503)
+    for n in range(2):
+        table[f"/busy/{n}.jpg"] = Route(body=jpeg(200 + n), fail_times=3, fail_status=429,
+                                        fail_headers={"Retry-After": "0"})
+    table["/down/0.jpg"] = Route(body=jpeg(300), fail_times=10**6, fail_status=503)
+    return table
+
+
+MISSING = ["/missing/0.jpg", "/missing/1.jpg", "/missing/2.jpg"]
+
+
+@pytest.fixture
+def finished_run(tmp_path, local_ray):
+    """A run whose fetch (2 attempts per URL) lost the flaky, busy, missing and down images."""
+    server = LoopbackServer(routes())
+    server.__enter__()
+    paths = list(server.routes) + MISSING
+    base = server.base_url.rstrip("/")
+    pq.write_table(pa.table({"url": [base + p for p in paths], "caption": [f"picture number {n}" for n in
+                                                                          range(len(paths))]}),
+                   tmp_path / "urls.parquet")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "source: {type: url_list, path: urls.parquet}\n"
+        "stages:\n  fetch: {allow_private_addresses: true, retries: 1, backoff_base: 0.01}\n"
+        "output: {path: out, formats: [parquet, webdataset], shard_rows: 5}\nengine: {rows_per_work_shard: 6}\n")
+    plan = compile_plan(load_recipe(recipe, [f"output.path={tmp_path / 'out'}"]))
+    manifest = execute(plan, Console(file=io.StringIO()), progress=False)
+    yield tmp_path / "out", manifest, server, base
+    server.__exit__(None, None, None)
+
+
+def keys_in(output: Path) -> tuple[list[str], list[str], list[str]]:
+    """(parquet keys, webdataset keys, drop log keys)."""
+    parquet = pq.read_table(output / "parquet", columns=["key"]).column("key").to_pylist()
+    tars = sorted(str(p) for p in (output / "webdataset").glob("*.tar"))
+    tar_keys = [sample["__key__"] for sample in wds.WebDataset(tars, shardshuffle=False)]
+    drops = pq.read_table(output / "drops.parquet", columns=["key"]).column("key").to_pylist()
+    return parquet, tar_keys, drops
+
+
+def test_retry_recovers_transient_failures_and_leaves_404s_alone(finished_run):
+    output, first, server, base = finished_run
+    by_reason = first["drop_log"]["by_reason"]
+    assert by_reason.get("http_5xx") == 5 and by_reason.get("http_429") == 2 and by_reason.get("http_404") == 3
+    all_keys = set(sum(keys_in(output), []))
+    hits_before = {path: route.hits for path, route in server.routes.items()}
+
+    merged = retry(output, Console(file=io.StringIO()), progress=False)
+
+    parquet, tar_keys, drops = keys_in(output)
+    assert merged["reconciliation"]["ok"] and merged["outputs"]["rows"] == 16
+    assert sorted(parquet) == sorted(tar_keys) and len(set(parquet)) == len(parquet) == 16
+    assert not set(parquet) & set(drops) and set(parquet) | set(drops) == all_keys and len(drops) == 4
+    assert merged["drop_log"]["by_reason"] == {"http_404": 3, "http_5xx": 1}
+    assert merged["retries"][0]["retried_rows"] == 7 and merged["retries"][0]["recovered_rows"] == 6
+    assert merged["retries"][0]["dropped_again"] == {"http_5xx": 1}
+    for path in server.routes:
+        if path.startswith(("/flaky/", "/busy/")):
+            assert server.routes[path].hits == 4  # two attempts in the run, two in the retry
+    assert all(server.routes[p].hits == hits_before[p] for p in server.routes if p.startswith("/ok/"))
+    detail = {r["url"]: r["reason"] for r in pq.read_table(output / "drops.parquet").to_pylist()}
+    assert {detail[base + p] for p in MISSING} == {"http_404"}
+    fetch = next(s for s in merged["stages"] if s["name"] == "fetch")
+    assert fetch["rows_in"] == 20 and fetch["rows_out"] == 16 and fetch["dropped"] == {"http_404": 3, "http_5xx": 1}
+    report = verify_output(output)
+    assert report.ok, report.problems
+    images = pq.read_table(output / "parquet", columns=["images"]).column("images").to_pylist()
+    assert all(row[0]["bytes"] for row in images)
+    assert not (output / "_retry").exists()
+
+    again = retry(output, Console(file=io.StringIO()), progress=False)
+    assert again["reconciliation"]["ok"] and len(again["retries"]) == 2 and again["outputs"]["rows"] == 16
+    assert verify_output(output).ok
+
+
+def test_an_interrupted_merge_is_finished_by_the_next_retry(finished_run, monkeypatch):
+    output, _, _, _ = finished_run
+    real_apply = retry_module._apply_merge
+
+    def crash_after_moving_shards(out: Path, merge: Path):
+        plan = retry_module.read_json(merge / "plan.json")
+        move = plan["moves"][0]
+        Path(out / move["to"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(move["from"]).replace(out / move["to"])
+        raise KeyboardInterrupt("killed during the merge")
+
+    monkeypatch.setattr(retry_module, "_apply_merge", crash_after_moving_shards)
+    with pytest.raises(KeyboardInterrupt):
+        retry(output, Console(file=io.StringIO()), progress=False)
+    assert retry_module.read_json(output / "manifest.json")["outputs"]["rows"] == 10  # nothing merged yet
+    monkeypatch.setattr(retry_module, "_apply_merge", real_apply)
+
+    merged = retry(output, Console(file=io.StringIO()), progress=False)
+    parquet, tar_keys, drops = keys_in(output)
+    assert len(merged["retries"]) == 1 and merged["outputs"]["rows"] == 16 == len(set(parquet)) == len(tar_keys)
+    assert len(parquet) + len(drops) == 20 and verify_output(output).ok
+
+
+def test_retry_refuses_a_folder_without_a_manifest(tmp_path):
+    from curate.stage import RecipeError
+
+    with pytest.raises(RecipeError, match="no manifest.json"):
+        retry(tmp_path, Console(file=io.StringIO()))
