@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_download import TreeSampler  # noqa: E402
+from measure import TreeSampler  # noqa: E402
 
 DIM = 512
 SHARD_ROWS = 10_000

@@ -1,4 +1,4 @@
-"""The `curate` command line: run, demo, inspect, verify, recipes."""
+"""The `curate` command line: run, demo, inspect, verify, diff, recipes, publish."""
 
 from __future__ import annotations
 
@@ -94,8 +94,11 @@ def demo(
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="An output folder or its manifest.json.")) -> None:
-    """Summarise a manifest: funnel, drops by reason, shards, quantiles."""
+def inspect(
+    path: Path = typer.Argument(..., help="An output folder or its manifest.json."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report here."),
+) -> None:
+    """Summarise a manifest: funnel, drops by reason, shards, quantiles; --html writes a full report."""
     from curate.manifest.inspect import render
     from curate.manifest.verify import resolve_manifest
 
@@ -107,6 +110,30 @@ def inspect(path: Path = typer.Argument(..., help="An output folder or its manif
     except json.JSONDecodeError as error:
         _fail(f"{manifest_path}: not valid JSON ({error})")
     render(manifest, console)
+    if html is not None:
+        from curate.report.html import write_report
+
+        console.print(f"\n[bold]report:[/] {write_report(manifest_path.parent, html).resolve()}", highlight=False)
+
+
+@app.command()
+def diff(
+    a: Path = typer.Argument(..., help="The first output folder (or its manifest.json)."),
+    b: Path = typer.Argument(..., help="The second output folder (or its manifest.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the differences as JSON."),
+) -> None:
+    """What changed from output A to B: recipe keys, rows per stage and drop reason, score distributions."""
+    from curate.manifest.diff import diff_outputs, render_diff
+    from curate.report.reader import OutputUnreadable
+
+    try:
+        result = diff_outputs(a, b)
+    except OutputUnreadable as error:
+        _fail(str(error))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        render_diff(result, console)
 
 
 @app.command()
@@ -123,6 +150,27 @@ def verify(path: Path = typer.Argument(..., help="An output folder or its manife
 
 
 @app.command()
+def retry(
+    output: Path = typer.Argument(..., help="A complete output folder."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key for the retry (e.g. fetch.retries=5)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Show Ray's logs."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Fetch again only the rows dropped for a transient reason (timeouts, 429, 5xx) and merge them in."""
+    from curate.engine.retry import retry as retry_output
+    from curate.stage import StageFailure
+
+    try:
+        manifest = retry_output(output, console, set_, address=address, verbose=verbose, progress=progress)
+    except RecipeError as error:
+        _fail(str(error))
+    except StageFailure as error:
+        _fail(f"stage failure: {error}", code=1)
+    _summarize(manifest)
+
+
+@app.command()
 def recipes() -> None:
     """List the bundled recipes, one line each."""
     import yaml
@@ -133,6 +181,26 @@ def recipes() -> None:
         data = yaml.safe_load(file.read_text()) or {}
         lines = str(data.get("description") or "").strip().splitlines()
         console.print(f"[bold]{file.stem:<24}[/] {lines[0] if lines else ''}", highlight=False)
+
+
+@app.command()
+def publish(
+    output: Path = typer.Argument(..., help="A finished output folder (with manifest.json)."),
+    repo: str = typer.Option(..., "--repo", help="Dataset repository OWNER/NAME on the Hub (HF_ENDPOINT)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    revision: str = typer.Option("main", "--revision", help="Branch to commit to (created if missing)."),
+    dry_run: Optional[Path] = typer.Option(None, "--dry-run", help="Write the repository's files into this "
+                                                                   "folder and upload nothing."),
+    license_: Optional[str] = typer.Option(None, "--license", help="Card license id (default: from the samples)."),
+) -> None:
+    """Publish OUTPUT as a Hub dataset: card, shards in bounded commits, checked after upload; re-run to resume."""
+    from curate.publish import PublishError, publish_output
+
+    try:
+        publish_output(output, repo, private=private, revision=revision, dry_run=dry_run, license_id=license_,
+                       say=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    except PublishError as error:
+        _fail(str(error), code=error.code)
 
 
 def main() -> None:

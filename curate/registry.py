@@ -11,10 +11,19 @@ from typing import Any
 
 SOURCES: dict[str, str] = {
     "url_list": "curate.sources.url_list:UrlListSource",
+    "mmc4": "curate.sources.mmc4:Mmc4Source",
+    "obelics": "curate.sources.obelics:ObelicsSource",
+    "warc": "curate.sources.web_pages:WarcSource",
+    "html_pages": "curate.sources.web_pages:HtmlPagesSource",
+    "edit_triplets": "curate.sources.edits:EditTripletSource",
+    "image_folder": "curate.sources.image_folder:ImageFolderSource",
+    "image_shards": "curate.sources.image_shards:ImageShardsSource",
+    "hf_dataset": "curate.sources.hf_dataset:HfDatasetSource",
 }
 
 STAGES: dict[str, str] = {
     "fetch": "curate.fetch.stage:FetchStage",
+    "decode": "curate.ops.decode:DecodeStage",
     "basic_filter": "curate.ops.basic_filter:BasicFilter",
     "language": "curate.ops.language:LanguageFilter",
     "clip_score": "curate.ops.clip_score:ClipScoreStage",
@@ -23,6 +32,17 @@ STAGES: dict[str, str] = {
     "dedup_exact": "curate.dedup.exact:DedupExact",
     "dedup_perceptual": "curate.dedup.perceptual:DedupPerceptual",
     "dedup_semantic": "curate.dedup.semantic:DedupSemantic",
+    "nsfw": "curate.safety.nsfw:NsfwStage",
+    "watermark": "curate.safety.watermark:WatermarkStage",
+    "faces": "curate.safety.faces:FacesStage",
+    "blocklist": "curate.safety.blocklist:Blocklist",
+    "blocklist_hashes": "curate.safety.blocklist:BlocklistHashes",
+    "documents": "curate.ops.documents:DocumentFilter",
+    "image_text_assignment": "curate.ops.image_text_assignment:ImageTextAssignment",
+    "dedup_text": "curate.ops.text_dedup:TextDedup",
+    "edit_checks": "curate.ops.edit_checks:EditChecks",
+    "edit_direction": "curate.ops.edit_direction:EditDirection",
+    "decontaminate": "curate.dedup.decontaminate:Decontaminate",
 }
 
 SINKS: dict[str, str] = {

@@ -44,6 +44,9 @@ SCORES = pa.struct(
     [
         ("clip_score", pa.float32()),
         ("aesthetic", pa.float32()),
+        ("clip_direction", pa.float32()),  # edits: cosine of the CLIP image change and text change
+        ("nsfw", pa.float32()),  # probability of nudity, max over the sample's images (nsfw stage)
+        ("watermark", pa.float32()),  # probability of a watermark on image 0 (watermark stage)
     ]
 )
 

@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from fakehub.fixtures import fake_hub, hub_env  # noqa: E402,F401 - the loopback Hugging Face Hub (tests/fakehub)
+
 from curate.demo.server import LoopbackServer  # noqa: E402 - after the environment is set
 
 
@@ -33,5 +35,5 @@ def local_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield

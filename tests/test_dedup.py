@@ -362,7 +362,7 @@ def test_engine_run_drops_exact_and_perceptual_duplicates_of_the_demo_web(tmp_pa
         "output: {path: out, formats: [parquet]}\nengine: {rows_per_work_shard: 25}\n")
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         with LoopbackServer(web.routes) as server:
             write_url_list(web, server.base_url, tmp_path / "urls.parquet")

@@ -78,7 +78,7 @@ def test_a_stage_that_removes_rows_is_refused():
 def ray_with_test_stages(monkeypatch):
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": f"{TESTS}:{REPO}"}})
     monkeypatch.setitem(registry.STAGES, "explode", "stages_for_tests:ExplodingStage")
     yield

@@ -16,6 +16,7 @@ BODY = bytes(range(256)) * 20  # 5120 bytes
 def make_params(**overrides):
     values = dict(
         allow_private_addresses=True,
+        host_rate=None,  # politeness has its own tests (test_fetch_politeness.py)
         threads=4,
         retries=2,
         backoff_base=0.01,
@@ -118,12 +119,22 @@ def test_retry_after_date_is_honoured(loopback, fetcher):
     assert 0.9 <= elapsed < 4.0
 
 
-def test_retry_after_is_capped_by_backoff_max(loopback, fetcher):
+def test_retry_after_is_not_cut_by_backoff_max(loopback, fetcher):
+    url = serve(loopback, "/later", body=BODY, fail_times=1, fail_status=503, fail_headers={"Retry-After": "1"})
+    start = time.monotonic()
+    result = fetcher(backoff_max=0.05).fetch(url)
+    assert result.ok
+    assert time.monotonic() - start >= 0.9
+
+
+def test_retry_after_above_max_retry_after_drops_at_once(loopback, fetcher):
     url = serve(loopback, "/never", body=BODY, fail_times=1, fail_status=503, fail_headers={"Retry-After": "120"})
     start = time.monotonic()
-    result = fetcher(backoff_max=0.2).fetch(url)
-    assert result.ok
-    assert time.monotonic() - start < 2.0
+    result = fetcher().fetch(url)
+    assert result.reason == "rate_limited"
+    assert "Retry-After 120 s" in result.detail
+    assert loopback.routes["/never"].hits == 1
+    assert time.monotonic() - start < 1.0
 
 
 def test_retry_after_parsing():
@@ -148,9 +159,12 @@ def test_connection_refused(fetcher):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    result = fetcher(retries=1).fetch(f"http://127.0.0.1:{port}/x.jpg")
+    result = fetcher(retries=1, respect_robots=False).fetch(f"http://127.0.0.1:{port}/x.jpg")
     assert result.reason == "connection_error"
     assert result.attempts == 2
+    result = fetcher(retries=1).fetch(f"http://127.0.0.1:{port}/x.jpg")  # its robots.txt cannot be fetched either
+    assert result.reason == "connection_error"
+    assert "robots.txt unreachable" in result.detail
 
 
 def test_redirect_is_followed(loopback, fetcher):
@@ -184,11 +198,12 @@ def test_every_redirect_hop_is_checked(loopback, fetcher):
     assert result.final_url == "ftp://example.com/secret.jpg"
 
 
-def test_dns_rebinding_to_loopback_is_refused(loopback, fetcher, monkeypatch):
+def test_dns_rebinding_cannot_reach_loopback(loopback, fetcher, monkeypatch):
+    """The name is resolved once; the connection goes to the checked address, never to a second answer."""
     serve(loopback, "/img.jpg", body=BODY)
     port = int(loopback.base_url.rsplit(":", 1)[1])
     real_getaddrinfo = socket.getaddrinfo
-    lookups = []
+    lookups, connects = [], []
 
     def rebinding_getaddrinfo(host, *args, **kwargs):
         if host != "rebind.example":
@@ -197,10 +212,18 @@ def test_dns_rebinding_to_loopback_is_refused(loopback, fetcher, monkeypatch):
         address = "93.184.216.34" if len(lookups) == 1 else "127.0.0.1"
         return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
 
+    def no_public_connect(sock, address):
+        connects.append(address[0])
+        raise ConnectionRefusedError("tests never connect to a public address")
+
     monkeypatch.setattr(socket, "getaddrinfo", rebinding_getaddrinfo)
-    result = fetcher(allow_private_addresses=False, retries=0).fetch(f"http://rebind.example:{port}/img.jpg")
-    assert result.reason == "private_address"
-    assert len(lookups) == 2
+    monkeypatch.setattr(socket.socket, "connect", no_public_connect)
+    result = fetcher(allow_private_addresses=False, retries=1, respect_robots=False).fetch(
+        f"http://rebind.example:{port}/img.jpg"
+    )
+    assert result.reason == "connection_error"
+    assert lookups == ["rebind.example"]  # cached: the retry did not resolve again
+    assert connects == ["93.184.216.34", "93.184.216.34"]
     assert loopback.routes["/img.jpg"].hits == 0
 
 
@@ -271,9 +294,11 @@ def test_private_address_refused(loopback, fetcher):
     url = serve(loopback, "/img.jpg", body=BODY)
     strict = fetcher(allow_private_addresses=False)
     result = strict.fetch(url)
-    assert result.reason == "private_address"
-    assert "resolves to non-public address 127.0.0.1" in result.detail  # refused before connecting
-    assert strict.fetch(url.replace("127.0.0.1", "localhost")).reason == "private_address"
+    assert result.reason == "blocked_address"
+    assert "127.0.0.1 is a non-public address" in result.detail  # refused before connecting
+    by_name = strict.fetch(url.replace("127.0.0.1", "localhost"))
+    assert by_name.reason == "blocked_address"
+    assert "localhost resolves to non-public address" in by_name.detail
     assert loopback.routes["/img.jpg"].hits == 0
     assert fetcher(allow_private_addresses=True).fetch(url).ok
 

@@ -44,7 +44,8 @@ def interleaved(key, urls):
 @pytest.fixture
 def stage():
     fetch = FetchStage(
-        FetchParams(allow_private_addresses=True, threads=4, retries=0, resize={"size": 32}, encode={"format": "png"})
+        FetchParams(allow_private_addresses=True, host_rate=None, threads=4, retries=0, resize={"size": 32},
+                    encode={"format": "png"})
     )
     fetch.setup()
     yield fetch

@@ -140,10 +140,19 @@ def test_cli_prints_one_clear_line_and_no_traceback(tmp_path, url_list):
     assert "stages.basic_filter.min_side" in lines[0] and str(recipe) in " ".join(result.stderr.split())
 
 
+# Recipes whose source is not a URL list, and an input of their kind.
+RECIPE_INPUTS = {"edit": Path(__file__).resolve().parent / "data" / "edit-triplets" / "ip2p"}
+_DOCS = Path(__file__).resolve().parent / "data"
+RECIPE_INPUTS.update({"mmc4": _DOCS / "interleaved-docs" / "mmc4_core_ff_shard_151_v3.first12.jsonl",
+                      "obelics": _DOCS / "interleaved-docs" / "obelics_layout_from_mmc4.first4.parquet",
+                      "warc": _DOCS / "web-pages" / "warc" / "resiliparse_cc-main-2020-34_sample.warc.gz"})
+
+
 @pytest.mark.parametrize("recipe", bundled_recipes(), ids=lambda p: p.stem)
 def test_every_bundled_recipe_dry_runs_with_source_and_output_overrides(tmp_path, url_list, recipe):
+    source = RECIPE_INPUTS.get(recipe.stem, url_list)
     result = subprocess.run([sys.executable, "-m", "curate.cli", "run", str(recipe), "--dry-run",
-                             "--set", f"source.path={url_list}", "--set", f"output.path={tmp_path / 'out'}"],
+                             "--set", f"source.path={source}", "--set", f"output.path={tmp_path / 'out'}"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "recipe is valid" in result.stdout

@@ -322,9 +322,9 @@ def multi_image(i: int, kind: str) -> dict:
 
 
 @pytest.mark.parametrize(("kind", "text"), [("interleaved", "first part\n\nsecond part"), ("edit", "first part")])
-def test_webdataset_multi_image_samples(tmp_path, kind, text):
+def test_webdataset_multi_image_samples_as_members(tmp_path, kind, text):
     path = tmp_path / "shard.tar"
-    write_tar(path, [schema.from_rows([multi_image(0, kind), multi_image(1, kind)])])
+    write_tar(path, [schema.from_rows([multi_image(0, kind), multi_image(1, kind)])], layout="members")
     key = f"{0:016x}"
     assert member_names(path)[:4] == [f"{key}.jpg", f"{key}.1.jpg", f"{key}.json", f"{key}.txt"]
 

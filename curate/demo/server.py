@@ -23,10 +23,16 @@ class Route:
       - ``delay``: seconds to sleep before answering (a timeout when above the client's);
       - ``truncate_to``: send only this many body bytes while announcing the full length;
       - ``redirect_to``: answer 302 to that path;
-      - ``chunked``: send the body with chunked transfer encoding (no Content-Length).
+      - ``chunked``: send the body with chunked transfer encoding (no Content-Length);
+      - ``trickle``: send the whole answer (status line, headers, body) one byte every
+        `trickle` seconds (a slow-loris host);
+      - ``endless``: after the headers, send `body` again and again (without a length)
+        until the client hangs up, pausing `trickle` seconds (else 0.01 s) between copies.
 
     A `headers` value may be a list to send the same header several times.
-    `hits` counts the requests and `request_headers` keeps the headers of each.
+    `hits` counts the requests, `hit_times` keeps when each arrived (time.monotonic()),
+    `request_headers` the headers of each, and `max_in_flight` the most requests
+    answered at the same time.
     """
 
     body: bytes = b""
@@ -40,8 +46,13 @@ class Route:
     truncate_to: int | None = None
     redirect_to: str | None = None
     chunked: bool = False
+    trickle: float = 0.0
+    endless: bool = False
     hits: int = 0
+    hit_times: list[float] = field(default_factory=list)
     request_headers: list[dict[str, str]] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -57,11 +68,21 @@ class _Handler(BaseHTTPRequestHandler):
             route = self.server.routes.get(path)
             if route is not None:
                 route.hits += 1
+                route.hit_times.append(time.monotonic())
                 route.request_headers.append(dict(self.headers.items()))
                 hit = route.hits
+                route.in_flight += 1
+                route.max_in_flight = max(route.max_in_flight, route.in_flight)
         if route is None:
             self._answer(404, b"not found", "text/plain", {})
             return
+        try:
+            self._answer_route(route, hit)
+        finally:
+            with self.server.lock:
+                route.in_flight -= 1
+
+    def _answer_route(self, route, hit):
         if route.delay:
             time.sleep(route.delay)
         if hit <= route.fail_times:
@@ -70,7 +91,39 @@ class _Handler(BaseHTTPRequestHandler):
         if route.redirect_to is not None:
             self._answer(302, b"", "text/plain", {"Location": route.redirect_to})
             return
+        if route.trickle and not route.endless:
+            self._trickle(route)
+            return
+        if route.endless:
+            self._endless(route)
+            return
         self._answer(route.status, route.body, route.content_type, route.headers, route.truncate_to, route.chunked)
+
+    def _trickle(self, route):
+        head = f"HTTP/1.1 {route.status} OK\r\nContent-Type: {route.content_type}\r\n"
+        head += f"Content-Length: {len(route.body)}\r\nConnection: close\r\n\r\n"
+        self.close_connection = True
+        try:
+            for byte in head.encode("latin-1") + route.body:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(route.trickle)
+        except OSError:
+            pass
+
+    def _endless(self, route):
+        self.close_connection = True
+        try:
+            self.send_response(route.status)
+            self.send_header("Content-Type", route.content_type)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            while True:
+                self.wfile.write(route.body or b"x")
+                self.wfile.flush()
+                time.sleep(route.trickle or 0.01)
+        except OSError:
+            pass
 
     def _answer(self, status, body, content_type, headers, truncate_to=None, chunked=False):
         try:

@@ -17,7 +17,10 @@ planted on it in `expect`:
 - ``opt_out``: served with ``X-Robots-Tag: noai``;
 - ``server_error_then_ok``: answers 500 once, then the image;
 - ``not_image``: an HTML page at an image URL;
-- ``low_quality``: a scene with its true caption, heavily blurred and noisy (for the aesthetic filter).
+- ``low_quality``: a scene with its true caption, heavily blurred and noisy (for the aesthetic filter);
+- ``watermarked``: a scene with its true caption under a stock-photo style text or logo overlay
+  (curate.demo.watermark; the row's `watermark` says which), planted only when `build_synthetic_web`
+  is given a `watermarked` share.
 
 Everything is deterministic in `seed`: two builds give the same bytes.
 """
@@ -37,6 +40,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
 from curate.demo.server import Route
+from curate.demo.watermark import WATERMARK_KINDS, add_watermark
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -96,8 +100,9 @@ class SyntheticWeb:
 
     Each row has `path`, `caption`, `expect` (the planted condition), `true_caption`
     (what the image really shows; None without an image), `width`, `height` and
-    `format` of the image as drawn (None without one), and `duplicate_of` (the
-    path of the original for near duplicates and repeated URLs).
+    `format` of the image as drawn (None without one), `duplicate_of` (the
+    path of the original for near duplicates and repeated URLs) and `watermark`
+    (the overlay kind, "text" or "logo", of watermarked rows; None otherwise).
     """
 
     routes: dict[str, Route] = field(default_factory=dict)
@@ -129,12 +134,16 @@ def all_scenes() -> list[Scene]:
     ]
 
 
-def planted_counts(n_images: int) -> dict[str, int]:
-    """How many rows of each condition a web of `n_images` rows has."""
+def planted_counts(n_images: int, watermarked: float = 0.0) -> dict[str, int]:
+    """How many rows of each condition a web of `n_images` rows has (`watermarked`: share of watermarked rows)."""
     if n_images < MIN_IMAGES:
         raise ValueError(f"n_images must be at least {MIN_IMAGES}, got {n_images}")
+    if not 0.0 <= watermarked <= 0.5:
+        raise ValueError(f"watermarked must be a share between 0 and 0.5, got {watermarked}")
     counts = {"mismatched_caption": round(0.10 * n_images), "near_duplicate": round(0.05 * n_images),
               "low_quality": round(0.05 * n_images)}
+    if round(watermarked * n_images):
+        counts["watermarked"] = round(watermarked * n_images)
     counts.update(FIXED_COUNTS)
     counts["ok"] = n_images - sum(counts.values())
     return counts
@@ -205,6 +214,7 @@ class _Builder:
         self.originals: list[dict[str, Any]] = []  # ok rows not yet copied by a near duplicate or repeated URL
         self.drawings: dict[str, _Drawing] = {}  # path -> drawing, for ok rows
         self.near_duplicates = 0
+        self.watermarks = 0
 
     def next_scene(self) -> Scene:
         """A scene not used yet (the whole vocabulary is used before any repeats)."""
@@ -249,6 +259,7 @@ class _Builder:
             "height": drawing.image.height if drawing else None,
             "format": fmt if drawing else None,
             "duplicate_of": None,
+            "watermark": None,
         }
         if body is not None:
             content_type = route_options.pop("content_type", f"image/{fmt.lower()}")
@@ -343,6 +354,15 @@ class _Builder:
         degraded = _Drawing(drawing.scene, drawing.width, drawing.height, drawing.layout_seed, image)
         self.add_image(index, "low_quality", degraded)
 
+    def watermarked(self, index: int) -> None:
+        drawing = self.draw()
+        kind = WATERMARK_KINDS[self.watermarks % len(WATERMARK_KINDS)]
+        self.watermarks += 1
+        image = add_watermark(drawing.image, kind, self.rng)
+        self.add_image(index, "watermarked", _Drawing(drawing.scene, drawing.width, drawing.height,
+                                                      drawing.layout_seed, image))
+        self.web.rows[-1]["watermark"] = kind
+
     def not_image(self, index: int) -> None:
         caption = self.next_scene().caption()
         self.add(index, "not_image", caption, body=NOT_IMAGE_BODY, content_type="text/html; charset=utf-8")
@@ -357,10 +377,13 @@ def _row_plan(counts: dict[str, int], rng: random.Random) -> list[str]:
     return plan
 
 
-def build_synthetic_web(n_images: int = 240, seed: int = 0) -> SyntheticWeb:
-    """Draw a web of `n_images` URL list rows with the conditions of `planted_counts` planted."""
+def build_synthetic_web(n_images: int = 240, seed: int = 0, watermarked: float = 0.0) -> SyntheticWeb:
+    """Draw a web of `n_images` URL list rows with the conditions of `planted_counts` planted.
+
+    `watermarked` is the share of rows drawn with a text or logo watermark (default none).
+    """
     builder = _Builder(seed)
-    for index, expect in enumerate(_row_plan(planted_counts(n_images), builder.rng)):
+    for index, expect in enumerate(_row_plan(planted_counts(n_images, watermarked), builder.rng)):
         getattr(builder, expect)(index)
     return builder.web
 

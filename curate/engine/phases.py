@@ -6,13 +6,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
-from ray.util import ActorPool
 
 from curate.engine.cluster import WorkerPlan
 from curate.engine.crash import crash_if_asked
 from curate.engine.worker import PhaseWorker, StageSpec
 from curate.files import RunLayout, read_json
 from curate.stage import StageContext, StageFailure
+
+WORKER_DEATHS_PER_SHARD = 3
+REPLACEMENT_WAIT = 600.0  # seconds without any running shard, waiting for a replacement worker
 
 
 @dataclass
@@ -49,10 +51,8 @@ def run_phase(
             memory=plan.memory_per_worker or None,
             max_restarts=0,
         )
-        actors = [
-            remote_worker.remote(spec.stages, context, batch_rows) for _ in range(min(plan.workers, len(pending)))
-        ]
-        pool = ActorPool(actors)
+        pool = _WorkerPool(lambda: remote_worker.remote(spec.stages, context, batch_rows),
+                           min(plan.workers, len(pending)))
 
         def submit(actor, shard):
             return actor.run.remote(
@@ -65,7 +65,7 @@ def run_phase(
             )
 
         try:
-            for marker in pool.map_unordered(submit, pending):
+            for marker in pool.run(pending, submit, phase=spec.name):
                 on_progress(marker["rows_in"])
                 crash_if_asked(spec.name, marker["shard"])
         except ray.exceptions.RayTaskError as error:
@@ -73,11 +73,70 @@ def run_phase(
             raise StageFailure(
                 str(cause) if isinstance(cause, StageFailure) else f"phase {spec.name!r}: {error}"
             ) from None
-        except ray.exceptions.RayActorError as error:
-            raise StageFailure(f"phase {spec.name!r}: a worker died ({error}); re-run to resume") from None
         finally:
-            _stop(actors)
+            _stop(pool.actors)
     return [read_json(layout.marker(spec.name, s)) for s in range(shards)]
+
+
+class _WorkerPool:
+    """Workers that take work shards as they become free; a worker that dies is replaced.
+
+    A work shard whose worker died (its node was lost, it was killed, it ran out of
+    memory) is given to another worker, up to WORKER_DEATHS_PER_SHARD times: work shards
+    are written atomically, so a retried shard is never half-written or counted twice.
+    A replacement takes work only once Ray has placed it, so a cluster that shrank does
+    not leave a shard queued on a worker that can never start.
+    """
+
+    def __init__(self, new_actor: Callable[[], Any], size: int):
+        self.new_actor = new_actor
+        self.actors = [new_actor() for _ in range(size)]
+
+    def run(self, shards: list[int], submit: Callable[[Any, int], Any], phase: str):
+        """Yield each shard's marker as it finishes."""
+        todo = list(shards)
+        deaths: dict[int, int] = {}
+        idle = list(self.actors)
+        running: dict[Any, tuple[Any, int]] = {}
+        starting: dict[Any, Any] = {}  # readiness ref -> replacement worker not yet placed
+        while todo or running:
+            while todo and idle:
+                actor, shard = idle.pop(), todo.pop(0)
+                running[submit(actor, shard)] = (actor, shard)
+            waiting = list(running) + list(starting)
+            done, _ = ray.wait(waiting, num_returns=1, timeout=None if running else REPLACEMENT_WAIT)
+            if not done:
+                raise StageFailure(f"phase {phase!r}: no worker could be started for {REPLACEMENT_WAIT:.0f} s "
+                                   "after workers died (not enough resources left in the cluster?)")
+            if done[0] in starting:
+                try:
+                    ray.get(done[0])
+                    idle.append(starting.pop(done[0]))
+                except ray.exceptions.RayActorError:
+                    starting.pop(done[0])
+                    self._replace(None, starting)
+                continue
+            actor, shard = running.pop(done[0])
+            try:
+                marker = ray.get(done[0])
+            except ray.exceptions.RayActorError as error:
+                deaths[shard] = deaths.get(shard, 0) + 1
+                if deaths[shard] > WORKER_DEATHS_PER_SHARD:
+                    raise StageFailure(f"phase {phase!r}: work shard {shard:05d} lost its worker "
+                                       f"{deaths[shard]} times ({error}); re-run to resume") from None
+                self._replace(actor, starting)
+                todo.insert(0, shard)
+                continue
+            idle.append(actor)
+            yield marker
+
+    def _replace(self, dead: Any, starting: dict[Any, Any]) -> None:
+        """Start a new worker in place of `dead`; it takes work once Ray has placed it."""
+        if dead is not None:
+            self.actors.remove(dead)
+        replacement = self.new_actor()
+        self.actors.append(replacement)
+        starting[replacement.__ray_ready__.remote()] = replacement
 
 
 def _stop(actors: list) -> None:

@@ -218,7 +218,7 @@ def _decide(phase: PhaseSpec, layout: RunLayout, shards: int, context: StageCont
     """Run a corpus stage's decision as one Ray task (reused when a resumed run finds it saved)."""
     files = [str(layout.shard_file(phase.input_phase, s)) for s in range(shards)]
     remote = ray.remote(decide).options(num_cpus=worker_plan.cpus_per_worker, num_gpus=worker_plan.gpus_per_worker,
-                                        max_retries=0)
+                                        max_retries=2)  # a lost node: the decision is saved atomically
     try:
         return ray.get(remote.remote(phase.corpus.target, phase.corpus.params, context, files,
                                      str(layout.phase_dir(phase.name))))

@@ -164,7 +164,7 @@ def write_outputs(
     else:
         shards = plan_output_shards(files, shard_rows, shard_bytes)
         write_json(plan_path, [asdict(s) for s in shards])
-    remote_write = ray.remote(write_output_shard).options(num_cpus=cpus_per_task, max_retries=0)
+    remote_write = ray.remote(write_output_shard).options(num_cpus=cpus_per_task, max_retries=3)
     waiting = []
     for shard in shards:
         if layout.marker(WRITE_PHASE, shard.index).exists():

@@ -6,6 +6,8 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 
+from curate.extract.document import KIND as DOCUMENT_KIND
+from curate.extract.document import record_removed, remove_images
 from curate.fetch.config import FetchParams
 from curate.fetch.http import FetchResult, HttpFetcher
 from curate.fetch.image import ImageError, ProcessedImage, process_image
@@ -30,7 +32,10 @@ class FetchStage(Stage):
     """Fill `images[i].bytes` and `image_meta[i]` of every row from `image_meta[i].url`.
 
     A row with any image that cannot be fetched or decoded is dropped with the
-    reason of its first failing image. Images that already have bytes are kept as they are.
+    reason of its first failing image, unless `on_image_failure: drop_image` and the row is an
+    interleaved document: then only the failing images are removed (segments renumbered, each
+    recorded in meta.removed_images with url, reason and detail). Images that already have
+    bytes are kept as they are.
     """
 
     name = "fetch"
@@ -53,7 +58,7 @@ class FetchStage(Stage):
             self._fetcher = None
 
     def process(self, batch: pa.Table) -> pa.Table:
-        """Download and process all missing images of `batch` concurrently; drop rows that fail."""
+        """Download and process all missing images of `batch` concurrently; drop rows (or images) that fail."""
         if self._fetcher is None:
             self.setup()
         raw_images = batch.column("images").to_pylist()
@@ -64,16 +69,24 @@ class FetchStage(Stage):
         urls = list(dict.fromkeys(slot.url for slot in slots if slot.url))
         outcomes = dict(zip(urls, self._fetcher.fetch_many(urls, after=self._decode)))
 
+        per_image = self.params.on_image_failure == "drop_image"
+        kinds = batch.column("kind").to_pylist()
         reasons: list[str | None] = [None] * batch.num_rows
         details: list[str | None] = [None] * batch.num_rows
+        failed: dict[int, list[tuple[_Slot, _Failure]]] = {}
         for slot in slots:
             outcome = outcomes[slot.url] if slot.url else _Failure("invalid_url", "image has neither bytes nor URL")
-            if isinstance(outcome, _Failure) and reasons[slot.row] is None:
+            if not isinstance(outcome, _Failure):
+                continue
+            if per_image and kinds[slot.row] == DOCUMENT_KIND:
+                failed.setdefault(slot.row, []).append((slot, outcome))
+            elif reasons[slot.row] is None:
                 reasons[slot.row] = outcome.reason
                 details[slot.row] = _row_detail(slot, outcome.detail, len(metas[slot.row]))
+        failed_slots = {(slot.row, slot.index) for row in failed.values() for slot, _ in row}
         filled = set()
         for slot in slots:
-            if reasons[slot.row] is None:
+            if reasons[slot.row] is None and (slot.row, slot.index) not in failed_slots:
                 processed = outcomes[slot.url]
                 images[slot.row][slot.index] = {"bytes": processed.data, "path": None}
                 metas[slot.row][slot.index] = _meta(slot.url, processed)
@@ -82,7 +95,26 @@ class FetchStage(Stage):
         rows = range(batch.num_rows)
         batch = _replace(batch, "images", [images[i] if i in filled else raw_images[i] for i in rows])
         batch = _replace(batch, "image_meta", [metas[i] if i in filled else raw_metas[i] for i in rows])
+        if failed:
+            batch = self._remove_failed(batch, failed)
         return with_drops(batch, reasons, details)
+
+    def _remove_failed(self, batch: pa.Table, failed: dict[int, list[tuple[_Slot, _Failure]]]) -> pa.Table:
+        """Remove the images that failed from their documents, recording each in meta.removed_images."""
+        images = batch.column("images").to_pylist()
+        metas = batch.column("image_meta").to_pylist()
+        segments = batch.column("segments").to_pylist()
+        meta_json = batch.column("meta").to_pylist()
+        for row, failures in failed.items():
+            removed = [{"index": slot.index, "url": slot.url, "stage": self.name, "reason": failure.reason,
+                        "detail": failure.detail} for slot, failure in failures]
+            images[row], metas[row], segments[row] = remove_images(
+                images[row] or [], metas[row] or [], segments[row], [slot.index for slot, _ in failures])
+            meta_json[row] = record_removed(meta_json[row], removed)
+        batch = _replace(batch, "images", images)
+        batch = _replace(batch, "image_meta", metas)
+        batch = _replace(batch, "segments", segments)
+        return _replace(batch, "meta", meta_json)
 
     def _decode(self, result: FetchResult) -> ProcessedImage | _Failure:
         """Runs in the fetch worker thread right after the download."""

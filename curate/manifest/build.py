@@ -53,7 +53,7 @@ def field_statistics(files: list[Path]) -> dict[str, Any]:
     """Quantiles of the main numeric fields over the kept samples in `files`."""
     columns: dict[str, list[float]] = {name: [] for name in (
         "width", "height", "original_width", "original_height", "num_bytes", "caption_chars", "caption_words",
-        "clip_score", "aesthetic")}
+        "clip_score", "aesthetic", "clip_direction")}
     for file in files:
         table = pq.read_table(file, columns=["image_meta", "captions", "scores"])
         if table.num_rows == 0:
@@ -66,7 +66,7 @@ def field_statistics(files: list[Path]) -> dict[str, Any]:
             if text is not None:
                 columns["caption_chars"].append(len(text))
                 columns["caption_words"].append(len(text.split()))
-        for score in ("clip_score", "aesthetic"):
+        for score in ("clip_score", "aesthetic", "clip_direction"):
             values = pc.struct_field(table.column("scores"), score).to_pylist()
             columns[score].extend(v for v in values if v is not None)
     return {name: summarize(values) for name, values in columns.items() if values}
@@ -77,6 +77,26 @@ def _kinds(files: list[Path]) -> dict[str, int]:
     for file in files:
         counts.update(pq.read_table(file, columns=["kind"]).column("kind").to_pylist())
     return dict(sorted(counts.items()))
+
+
+def _image_path_leaf(parquet: pq.ParquetFile) -> str:
+    """The Parquet column of `images[].path`: reading it gives the list lengths without any image bytes."""
+    paths = [parquet.schema.column(i).path for i in range(len(parquet.schema))]
+    return next(path for path in paths if path.startswith("images.") and path.endswith(".path"))
+
+
+def image_counts(files: list[Path]) -> tuple[dict[str, Any], list[int]]:
+    """Images in the output (total and per kind, counted apart from samples) and the count of each sample."""
+    by_kind: Counter = Counter()
+    per_sample: list[int] = []
+    for file in files:
+        parquet = pq.ParquetFile(file)
+        table = parquet.read(columns=["kind", _image_path_leaf(parquet)])
+        counts = pc.fill_null(pc.list_value_length(table.column("images")), 0).to_pylist()
+        per_sample.extend(counts)
+        for kind, count in zip(table.column("kind").to_pylist(), counts):
+            by_kind[kind] += count
+    return {"total": sum(per_sample), "by_kind": dict(sorted(by_kind.items()))}, per_sample
 
 
 def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], resources: dict[str, float],
@@ -92,6 +112,7 @@ def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], r
     output_rows = rows_by_format[formats[0]] if formats else 0
     input_rows = source_stats["rows_in"]
     drops = pq.read_table(layout.drops, columns=["reason"]).column("reason").to_pylist()
+    images, images_per_sample = image_counts(final_files)
     reconciliation = {
         "input_rows": input_rows,
         "output_rows": output_rows,
@@ -119,6 +140,7 @@ def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], r
         "models": models or [],
         "decisions": decisions or {},
         "kinds": _kinds(final_files),
+        "images": images,
         "outputs": {"formats": formats, "rows": output_rows, "shards": shards},
         "drop_log": {
             "path": layout.drops.name,
@@ -127,7 +149,7 @@ def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], r
             "by_reason": dict(sorted(Counter(drops).items())),
         },
         "schema": schema.describe(),
-        "statistics": field_statistics(final_files),
+        "statistics": {**field_statistics(final_files), "images_per_sample": summarize(images_per_sample)},
         "reconciliation": reconciliation,
     }
     validate_manifest(manifest)

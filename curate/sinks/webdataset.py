@@ -1,8 +1,26 @@
-"""WebDataset tar shards: per sample, its images, a JSON record and a text member.
+"""WebDataset tar shards: per sample a fixed set of members, so every reader sees every sample whole.
 
-Members of a sample are `KEY.<ext>` for the first image, `KEY.<i>.<ext>` for
-image i >= 1, then `KEY.json` and `KEY.txt`, written contiguously. Readers split
-a member name at the first dot into key and extension, so keys contain no dots.
+Two member layouts; `layout: auto` (the default) picks one by the sample's kind:
+
+  members  (pairs)  KEY.<ext> (image 0), KEY.<i>.<ext> (image i >= 1), KEY.json, KEY.txt.
+                    The img2dataset / open_clip layout: `jpg` + `txt` loaders read it as is.
+  packed   (interleaved, edit)
+                    KEY.images.mp   every image of the sample, in order: a msgpack array of
+                                    the encoded bytes (webdataset and `datasets` both decode
+                                    `.mp` to a list of bytes); formats in the record's image_meta
+                    KEY.json        the sample as in Parquet minus image bytes and embeddings
+                    KEY.txt         the text (all text segments / the first instruction)
+
+Why packed: `datasets.load_dataset("webdataset")` infers its features from the first
+five samples and then reads only those members (a member first seen in a later sample
+is silently left out), so a per-image member cannot carry a variable number of images.
+Its JSON types are inferred the same way, which is why the packed record keeps
+`captions` as a list of {name, text} and `meta` as a JSON string (the Parquet types)
+instead of objects whose keys vary between samples.
+
+Members of a sample are written contiguously; keys contain no dots (readers split a
+member name at the first dot into key and extension). Within one shard every sample
+has the same member set.
 """
 
 from __future__ import annotations
@@ -11,8 +29,9 @@ import io
 import json
 import math
 import tarfile
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator, Literal
 
+import msgpack
 import pyarrow as pa
 
 from curate import schema
@@ -23,12 +42,17 @@ MTIME = 0
 MODE = 0o644
 TAR_FORMAT = tarfile.GNU_FORMAT
 ROWS_PER_SLICE = 256
+PACKED_IMAGES = "images.mp"
+PACKED_KINDS = ("interleaved", "edit")
 
 
 class WebDatasetParams(Params):
-    """Which named caption becomes the `.txt` member of a pair."""
+    """Which named caption becomes a pair's `.txt`, and which member layout samples get."""
 
     caption: str = "alt"
+    # auto: pairs as members, interleaved and edit samples packed; members / packed: every sample so
+    # (packed lets one shard mix kinds; members needs the same image count and formats throughout a shard).
+    layout: Literal["auto", "members", "packed"] = "auto"
 
 
 class WebDatasetSink(Sink):
@@ -48,7 +72,7 @@ class WebDatasetSink(Sink):
         suffixes: tuple[str, ...] | None = None
         with tarfile.open(path, "w", format=TAR_FORMAT) as tar:
             for row in iter_rows(tables):
-                members = sample_members(row, self.params.caption)
+                members = sample_members(row, self.params.caption, self.params.layout)
                 names = tuple(suffix for suffix, _ in members)
                 if suffixes is None:
                     suffixes = names
@@ -56,6 +80,7 @@ class WebDatasetSink(Sink):
                     raise ValueError(
                         f"sample {row['key']!r} has members {list(names)}, "
                         f"earlier samples of this shard have {list(suffixes)}"
+                        + ("; set output.webdataset.layout: packed" if self.params.layout != "packed" else "")
                     )
                 for suffix, data in members:
                     add_member(tar, f"{row['key']}.{suffix}", data)
@@ -79,33 +104,51 @@ def iter_rows(tables: Iterable[pa.Table]) -> Iterator[dict[str, Any]]:
             yield from table.slice(start, ROWS_PER_SLICE).to_pylist()
 
 
-def sample_members(row: dict[str, Any], caption: str) -> list[tuple[str, bytes]]:
+def is_packed(row: dict[str, Any], layout: str) -> bool:
+    """Whether `row` is written in the packed layout."""
+    return layout == "packed" or (layout == "auto" and row["kind"] in PACKED_KINDS)
+
+
+def sample_members(row: dict[str, Any], caption: str, layout: str = "auto") -> list[tuple[str, bytes]]:
     """The (suffix, bytes) members of one sample, in the order they are written."""
     key = row["key"]
     if not key or "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
-    members = image_members(row)
-    members.append(("json", sample_json(row)))
-    members.append(("txt", sample_text(row, caption).encode("utf-8")))
-    return members
+    text = sample_text(row, caption).encode("utf-8")
+    if is_packed(row, layout):
+        return [(PACKED_IMAGES, packed_images(row)), ("json", packed_json(row)), ("txt", text)]
+    return [*image_members(row), ("json", sample_json(row)), ("txt", text)]
+
+
+def image_bytes(row: dict[str, Any]) -> list[bytes]:
+    """The encoded bytes of every image of `row`; ValueError if one has none."""
+    images = []
+    for i, image in enumerate(row["images"] or []):
+        if not image or image.get("bytes") is None:
+            raise ValueError(f"sample {row['key']!r}: image {i} has no bytes")
+        images.append(image["bytes"])
+    return images
+
+
+def packed_images(row: dict[str, Any]) -> bytes:
+    """The `images.mp` member: a msgpack array of the images' bytes, in sample order."""
+    return msgpack.packb(image_bytes(row), use_bin_type=True)
 
 
 def image_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
     """`<ext>` for the first image, `<i>.<ext>` for the following ones."""
-    images = row["images"] or []
+    images = image_bytes(row)
     metas = row["image_meta"] or []
     if not images:
         raise ValueError(f"sample {row['key']!r} has no image")
     members = []
-    for i, image in enumerate(images):
+    for i, data in enumerate(images):
         meta = metas[i] if i < len(metas) else None
         ext = (meta or {}).get("format") or ""
         if not ext.isalnum():
             raise ValueError(f"sample {row['key']!r}: image {i} has no usable format ({ext!r})")
-        if not image or image.get("bytes") is None:
-            raise ValueError(f"sample {row['key']!r}: image {i} has no bytes")
         suffix = ext.lower() if i == 0 else f"{i}.{ext.lower()}"
-        members.append((suffix, image["bytes"]))
+        members.append((suffix, data))
     return members
 
 
@@ -120,7 +163,7 @@ def sample_text(row: dict[str, Any], caption: str) -> str:
 
 
 def sample_json(row: dict[str, Any]) -> bytes:
-    """The `.json` record: everything about the sample except the image bytes."""
+    """The `.json` record of the members layout: everything about the sample except the image bytes."""
     record = {
         "key": row["key"],
         "kind": row["kind"],
@@ -134,6 +177,42 @@ def sample_json(row: dict[str, Any]) -> bytes:
     if row["kind"] != "pair":
         # Interleaved and edit samples need the segment order to place their images.
         record["segments"] = row["segments"]
+    return compact_json(record)
+
+
+def packed_json(row: dict[str, Any]) -> bytes:
+    """The `.json` record of the packed layout: the Parquet row without image bytes and embeddings."""
+    record = {name: row[name] for name in PACKED_RECORD_FIELDS}
+    record["scores"] = finite_or_none(row["scores"])
+    return compact_json(record)
+
+
+PACKED_RECORD_FIELDS = ("key", "kind", "segments", "captions", "image_meta", "scores", "roles", "source", "meta")
+
+
+def packed_features():
+    """The `datasets.Features` of a packed shard, for `load_dataset("webdataset", ..., features=...)`.
+
+    Passing them skips the inference from the first five samples, so a field that
+    is null in all of them and set in a later one is read too.
+    """
+    import datasets  # heavy import, only needed by readers
+
+    record = schema.SAMPLE_SCHEMA
+    json_features = datasets.Features.from_arrow_schema(
+        pa.schema([record.field(name) for name in PACKED_RECORD_FIELDS])
+    )
+    return datasets.Features({
+        PACKED_IMAGES: datasets.List(datasets.Value("binary")),
+        "json": dict(json_features),
+        "txt": datasets.Value("string"),
+        "__key__": datasets.Value("string"),
+        "__url__": datasets.Value("string"),
+    })
+
+
+def compact_json(record: dict[str, Any]) -> bytes:
+    """`record` as sorted, compact UTF-8 JSON (NaN refused)."""
     text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return text.encode("utf-8")
 

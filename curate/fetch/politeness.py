@@ -1,0 +1,139 @@
+"""Per-host politeness shared by all threads of one fetcher: concurrency, rate, pauses, failing hosts.
+
+Every request (robots.txt included) takes a slot of its host first:
+
+- at most `concurrency` requests to a host at a time;
+- request starts to a host at least 1 / `rate` seconds apart;
+- no request before a pause ends: a host that answered 429 / 503 is paused for its
+  Retry-After (or the backoff delay); a pause longer than `max_wait` refuses the
+  request at once (`rate_limited`) instead of waiting;
+- a host whose last `max_failures` requests all failed to connect, broke off or timed
+  out (a body that never completes included) is skipped (`host_unreachable`) for
+  `failure_cooldown` seconds, then given one more chance, so a dead or stuck host
+  cannot hold the run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from curate.fetch.reasons import HOST_UNREACHABLE, RATE_LIMITED
+
+
+class HostRefused(Exception):
+    """A request refused by the politeness rules without contacting the host."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class _Host:
+    active: int = 0  # requests in flight
+    next_start: float = 0.0  # earliest start of the next request (rate)
+    paused_until: float = 0.0  # Retry-After / backoff pause asked by the host
+    failures: int = 0  # consecutive failed requests
+    skipped_until: float = 0.0  # failing host: refuse requests until then
+
+    def idle(self, now: float) -> bool:
+        return self.active == 0 and max(self.next_start, self.paused_until, self.skipped_until) <= now
+
+
+class HostLimiter:
+    """Politeness state of every host one fetcher talks to (bounded: idle hosts are forgotten first)."""
+
+    def __init__(
+        self,
+        concurrency: int,
+        rate: float | None,
+        max_wait: float,
+        max_failures: int = 0,
+        failure_cooldown: float = 300.0,
+        max_hosts: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.concurrency = concurrency
+        self.interval = 1.0 / rate if rate else 0.0
+        self.max_wait = max_wait
+        self.max_failures = max_failures
+        self.failure_cooldown = failure_cooldown
+        self.max_hosts = max(1, max_hosts)
+        self._clock = clock
+        self._hosts: OrderedDict[str, _Host] = OrderedDict()
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def slot(self, host: str) -> Iterator[None]:
+        """Hold one request slot of `host`, waiting as politeness demands; raises HostRefused."""
+        self._acquire(host)
+        try:
+            yield
+        finally:
+            self._release(host)
+
+    def pause(self, host: str, seconds: float) -> None:
+        """No new request to `host` for `seconds` (what a 429 / 503 answer asked for)."""
+        with self._changed:
+            state = self._state(host)
+            state.paused_until = max(state.paused_until, self._clock() + seconds)
+
+    def record(self, host: str, failed: bool) -> None:
+        """Count a request to `host` that `failed` (could not connect, broke off or timed out) or did not."""
+        with self._changed:
+            state = self._state(host)
+            if not failed:
+                state.failures = 0
+                return
+            state.failures += 1
+            if self.max_failures and state.failures >= self.max_failures:
+                state.skipped_until = self._clock() + self.failure_cooldown
+                state.failures = self.max_failures - 1  # after the cooldown, one more failure skips it again
+                self._changed.notify_all()
+
+    def _acquire(self, host: str) -> None:
+        with self._changed:
+            while True:
+                state = self._state(host)
+                now = self._clock()
+                if state.skipped_until > now:
+                    raise HostRefused(
+                        HOST_UNREACHABLE,
+                        f"{host} skipped for {state.skipped_until - now:.0f} s after "
+                        f"{self.max_failures} requests in a row without an answer",
+                    )
+                if state.paused_until - now > self.max_wait:
+                    raise HostRefused(
+                        RATE_LIMITED,
+                        f"{host} asked to wait {state.paused_until - now:.0f} s (max_retry_after {self.max_wait:g} s)",
+                    )
+                ready = max(state.paused_until, state.next_start)
+                if ready <= now and state.active < self.concurrency:
+                    state.active += 1
+                    state.next_start = now + self.interval
+                    return
+                self._changed.wait(ready - now if ready > now else None)
+
+    def _release(self, host: str) -> None:
+        with self._changed:
+            self._state(host).active -= 1
+            self._changed.notify_all()
+
+    def _state(self, host: str) -> _Host:
+        """The state of `host` (created if new); caller holds the lock."""
+        state = self._hosts.get(host)
+        if state is not None:
+            self._hosts.move_to_end(host)
+            return state
+        if len(self._hosts) >= self.max_hosts:
+            now = self._clock()
+            for name in [name for name, old in self._hosts.items() if old.idle(now)][: len(self._hosts) // 4 + 1]:
+                del self._hosts[name]
+        state = self._hosts[host] = _Host()
+        return state

@@ -1,0 +1,199 @@
+"""Document filters for interleaved samples: images, text length, failed images, repetition.
+
+Rows of other kinds pass unchanged. First, images too small or too elongated for training
+(`min_image_side`, `max_image_aspect_ratio`, original sizes) are removed from the document,
+each recorded in meta.removed_images (stage `documents`), as OBELICS removes small images from
+its documents rather than dropping the documents. Then the document is judged, in this order:
+
+| reason | rule |
+|---|---|
+| `too_many_failed_images` | removed / all images the document had > `max_failed_image_share` (removed: see below) |
+| `too_few_images` / `too_many_images` | images left < `min_images` / > `max_images` |
+| `text_too_short` | characters (or whitespace-separated words) of all text < `min_text_chars` (`min_text_words`) |
+| `image_text_ratio` | images per 100 words outside [`min_images_per_100_words`, `max_images_per_100_words`] |
+| `duplicate_paragraphs` | share of text segments that repeat an earlier one > `max_duplicate_paragraph_share` |
+| `char_repetition` | character repetition ratio > `max_char_repetition_ratio` |
+| `word_repetition` | word repetition ratio > `max_word_repetition_ratio` |
+
+Removed images are those in meta.removed_images: fetch failures (with `fetch.on_image_failure:
+drop_image`) and the size rules above.
+
+The repetition ratios are those of the BigScience ROOTS / OBELICS filters. Character
+repetition (n = `char_repetition_n`, default 10): of the character n-grams of the text, the
+share of all occurrences taken by the k most frequent ones, k = floor(sqrt(number of distinct
+n-grams)), counting only n-grams that occur more than once. Word repetition (n =
+`word_repetition_n`, default 5): the share of word n-gram occurrences whose n-gram occurs more
+than once. Both are 0 for a text too short to have an n-gram.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pyarrow as pa
+from pydantic import Field
+
+from curate.extract.document import KIND, load_meta, record_removed, remove_images, texts_of
+from curate.schema import SAMPLE_SCHEMA
+from curate.stage import Params, Stage, with_drops
+
+TOO_MANY_FAILED_IMAGES = "too_many_failed_images"
+TOO_FEW_IMAGES = "too_few_images"
+TOO_MANY_IMAGES = "too_many_images"
+TEXT_TOO_SHORT = "text_too_short"
+IMAGE_TEXT_RATIO = "image_text_ratio"
+DUPLICATE_PARAGRAPHS = "duplicate_paragraphs"
+CHAR_REPETITION = "char_repetition"
+WORD_REPETITION = "word_repetition"
+IMAGE_TOO_SMALL = "image_too_small"
+IMAGE_ASPECT_RATIO = "image_aspect_ratio"
+
+
+class DocumentsParams(Params):
+    """Limits of the document filter; None disables a rule. All limits are inclusive."""
+
+    min_image_side: int | None = Field(None, ge=1)  # remove images whose shorter original side is below
+    max_image_aspect_ratio: float | None = Field(None, ge=1.0)  # remove images longer / shorter side above
+    max_failed_image_share: float | None = Field(None, ge=0.0, le=1.0)
+    min_images: int | None = Field(None, ge=0)
+    max_images: int | None = Field(None, ge=0)
+    min_text_chars: int | None = Field(None, ge=0)
+    min_text_words: int | None = Field(None, ge=0)
+    min_images_per_100_words: float | None = Field(None, ge=0.0)
+    max_images_per_100_words: float | None = Field(None, ge=0.0)
+    max_duplicate_paragraph_share: float | None = Field(None, ge=0.0, le=1.0)
+    max_char_repetition_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    char_repetition_n: int = Field(10, ge=1)
+    max_word_repetition_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    word_repetition_n: int = Field(5, ge=1)
+
+
+def char_repetition_ratio(text: str, n: int) -> float:
+    """Share of character n-gram occurrences taken by the floor(sqrt(distinct)) most frequent repeated ones."""
+    counts = Counter(text[i:i + n] for i in range(len(text) - n + 1))
+    if not counts:
+        return 0.0
+    frequencies = sorted(counts.values(), reverse=True)
+    repeated = sum(1 for f in frequencies if f > 1)
+    top = min(int(math.sqrt(len(frequencies))), repeated)
+    return sum(frequencies[:top]) / sum(frequencies)
+
+
+def word_repetition_ratio(text: str, n: int) -> float:
+    """Share of word n-gram occurrences whose n-gram occurs more than once."""
+    words = text.lower().split()
+    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    if not counts:
+        return 0.0
+    return sum(f for f in counts.values() if f > 1) / sum(counts.values())
+
+
+def duplicate_paragraph_share(paragraphs: list[str]) -> float:
+    """Share of paragraphs that repeat an earlier one (after trimming)."""
+    seen, duplicates = set(), 0
+    for paragraph in (p.strip() for p in paragraphs):
+        if not paragraph:
+            continue
+        duplicates += paragraph in seen
+        seen.add(paragraph)
+    return duplicates / max(1, len(seen) + duplicates)
+
+
+class DocumentFilter(Stage):
+    """Removes unusable images from interleaved documents, then drops documents that break a rule."""
+
+    name = "documents"
+    phase = "prepare"
+    Params = DocumentsParams
+    params: DocumentsParams
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Return `batch` with small images removed from documents and `drop_reason` set on rejected ones."""
+        kinds = batch.column("kind").to_pylist()
+        images = batch.column("images").to_pylist()
+        metas = batch.column("image_meta").to_pylist()
+        segments = batch.column("segments").to_pylist()
+        meta_json = batch.column("meta").to_pylist()
+        reasons: list[str | None] = [None] * batch.num_rows
+        details: list[str | None] = [None] * batch.num_rows
+        changed = False
+        for row, kind in enumerate(kinds):
+            if kind != KIND:
+                continue
+            removed = self._unusable_images(metas[row] or [])
+            if removed:
+                changed = True
+                images[row], metas[row], segments[row] = remove_images(
+                    images[row] or [], metas[row] or [], segments[row], [entry["index"] for entry in removed])
+                meta_json[row] = record_removed(meta_json[row], removed)
+            verdict = self._verdict(metas[row] or [], segments[row] or [], meta_json[row])
+            if verdict is not None:
+                reasons[row], details[row] = verdict
+        if changed:
+            for name, values in (("images", images), ("image_meta", metas), ("segments", segments),
+                                 ("meta", meta_json)):
+                field = SAMPLE_SCHEMA.field(name)
+                batch = batch.set_column(batch.schema.get_field_index(name), field, pa.array(values, field.type))
+        return with_drops(batch, reasons, details)
+
+    def _unusable_images(self, image_meta: list[dict]) -> list[dict]:
+        """The images to remove for their size, as meta.removed_images entries."""
+        p = self.params
+        removed = []
+        for index, meta in enumerate(image_meta):
+            width, height = (meta or {}).get("original_width"), (meta or {}).get("original_height")
+            if not width or not height:
+                continue
+            short, long = min(width, height), max(width, height)
+            entry = {"index": index, "url": meta.get("url"), "stage": self.name}
+            if p.min_image_side is not None and short < p.min_image_side:
+                removed.append({**entry, "reason": IMAGE_TOO_SMALL, "detail": f"min side {short} < {p.min_image_side}"})
+            elif p.max_image_aspect_ratio is not None and long / short > p.max_image_aspect_ratio:
+                removed.append({**entry, "reason": IMAGE_ASPECT_RATIO,
+                                "detail": f"aspect ratio {long / short:.2f} > {p.max_image_aspect_ratio:g}"})
+        return removed
+
+    def _verdict(self, image_meta: list[dict], segments: list[dict], meta: str | None) -> tuple[str, str] | None:
+        p = self.params
+        images = len(image_meta)
+        if p.max_failed_image_share is not None:
+            removed = len(load_meta(meta).get("removed_images", []))
+            share = removed / (removed + images) if removed + images else 0.0
+            if share > p.max_failed_image_share:
+                return TOO_MANY_FAILED_IMAGES, (f"{removed} of {removed + images} images failed or were removed "
+                                                f"({share:.2f} > {p.max_failed_image_share:g})")
+        if p.min_images is not None and images < p.min_images:
+            return TOO_FEW_IMAGES, f"{images} images < {p.min_images}"
+        if p.max_images is not None and images > p.max_images:
+            return TOO_MANY_IMAGES, f"{images} images > {p.max_images}"
+        paragraphs = texts_of(segments)
+        text = "\n".join(paragraphs)
+        chars, words = len(text.strip()), len(text.split())
+        if p.min_text_chars is not None and chars < p.min_text_chars:
+            return TEXT_TOO_SHORT, f"text {chars} chars < {p.min_text_chars}"
+        if p.min_text_words is not None and words < p.min_text_words:
+            return TEXT_TOO_SHORT, f"text {words} words < {p.min_text_words}"
+        return self._text_verdict(images, paragraphs, text, words)
+
+    def _text_verdict(self, images: int, paragraphs: list[str], text: str, words: int) -> tuple[str, str] | None:
+        p = self.params
+        if p.min_images_per_100_words is not None or p.max_images_per_100_words is not None:
+            ratio = images * 100 / words if words else math.inf
+            if p.min_images_per_100_words is not None and ratio < p.min_images_per_100_words:
+                return IMAGE_TEXT_RATIO, f"{ratio:.2f} images per 100 words < {p.min_images_per_100_words:g}"
+            if p.max_images_per_100_words is not None and ratio > p.max_images_per_100_words:
+                return IMAGE_TEXT_RATIO, f"{ratio:.2f} images per 100 words > {p.max_images_per_100_words:g}"
+        if p.max_duplicate_paragraph_share is not None:
+            share = duplicate_paragraph_share(paragraphs)
+            if share > p.max_duplicate_paragraph_share:
+                return DUPLICATE_PARAGRAPHS, f"{share:.2f} of paragraphs repeated > {p.max_duplicate_paragraph_share:g}"
+        if p.max_char_repetition_ratio is not None:
+            ratio = char_repetition_ratio(text, p.char_repetition_n)
+            if ratio > p.max_char_repetition_ratio:
+                return CHAR_REPETITION, f"character repetition {ratio:.3f} > {p.max_char_repetition_ratio:g}"
+        if p.max_word_repetition_ratio is not None:
+            ratio = word_repetition_ratio(text, p.word_repetition_n)
+            if ratio > p.max_word_repetition_ratio:
+                return WORD_REPETITION, f"word repetition {ratio:.3f} > {p.max_word_repetition_ratio:g}"
+        return None

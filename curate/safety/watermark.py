@@ -1,0 +1,123 @@
+"""Watermark score: a head on the CLIP image embedding of image 0 (curate.models.watermark).
+
+When an earlier stage stored the embedding of the same CLIP model (the `embeddings`
+column written by clip_score, kept in the work area), it is reused and CLIP is never
+loaded; otherwise the image is decoded and embedded here.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import Field
+
+from curate.models.clip import ClipSpec, ModelUnavailable, check_clip_available, load_clip
+from curate.models.watermark import WatermarkSpec, check_watermark_available, load_watermark
+from curate.ops.clip_stage import ClipModelStage, local_path, merge_scores, model_id, torch_threads
+from curate.ops.image_embedding import embed_images
+from curate.stage import Params, StageContext, with_drops
+
+WATERMARK = "watermark"
+CORRUPT = "corrupt"
+
+
+class WatermarkParams(Params):
+    """CLIP model and head of the watermark stage, and its threshold."""
+
+    clip: ClipSpec = ClipSpec()
+    head: WatermarkSpec = WatermarkSpec()
+    max_score: float | None = Field(None, ge=0.0, le=1.0)  # drop above (reason watermark)
+    torch_threads: int | None = Field(None, ge=1)
+    decode_threads: int = Field(2, ge=1)
+
+
+class WatermarkStage(ClipModelStage):
+    """Fills scores.watermark (probability that image 0 carries a watermark); optionally filters on it."""
+
+    name = "watermark"
+    Params = WatermarkParams
+    phase = "safety"
+    clip_field = "clip"
+
+    def __init__(self, params: WatermarkParams, context: StageContext | None = None):
+        super().__init__(params, context)
+        head = self.params.head.model_copy(update={"path": local_path(self.params.head.path, self.context.recipe_dir)})
+        self.params = self.params.model_copy(update={"head": head})
+
+    def preflight(self) -> None:
+        """Refuse missing or mismatched CLIP or head weights before any work."""
+        super().preflight()
+        try:
+            self._head_info = check_watermark_available(self.params.head)
+        except ModelUnavailable as error:
+            error.path = error.path or f"stages.{self.name}.head"
+            raise
+
+    def model_info(self) -> list[dict]:
+        """What the manifest records about the CLIP model and the head."""
+        head = getattr(self, "_head_info", None) or check_watermark_available(self.params.head)
+        return [*super().model_info(), {"stage": self.name, "role": "watermark_head", **head}]
+
+    def setup(self) -> None:
+        """Name the CLIP model whose stored embeddings can be reused; CLIP itself loads only when needed."""
+        self.model_name = model_id(self.clip_spec, check_clip_available(self.clip_spec))
+        self.head = None
+
+    def _load_model(self) -> None:
+        torch.set_num_threads(torch_threads(self.params.torch_threads))
+        self.model = load_clip(self.clip_spec, device="auto")
+        self.pool = ThreadPoolExecutor(self.params.decode_threads, thread_name_prefix=f"{self.name}-decode")
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Fill scores.watermark; drop unreadable images and scores above `max_score`."""
+        if not hasattr(self, "model_name"):
+            self.setup()
+        embeddings, errors = self._image_embeddings(batch)
+        if self.head is None and len(embeddings):
+            self.head = load_watermark(self.params.head, embeddings.shape[1])
+        scores = self.head(np.nan_to_num(embeddings)) if len(embeddings) else np.zeros(0, np.float32)
+        batch = merge_scores(batch, "watermark", [None if error else float(s) for s, error in zip(scores, errors)])
+        reasons, details = [], []
+        limit = self.params.max_score
+        for score, error in zip(scores, errors):
+            if error:
+                reasons.append(CORRUPT)
+                details.append(f"cannot decode for CLIP: {error}")
+            elif limit is not None and score > limit:
+                reasons.append(WATERMARK)
+                details.append(f"watermark {score:.3f} > {limit}")
+            else:
+                reasons.append(None)
+                details.append(None)
+        return with_drops(batch, reasons, details)
+
+    def _image_embeddings(self, batch: pa.Table) -> tuple[np.ndarray, list[str | None]]:
+        """Stored embeddings of this CLIP model where present, the others computed; (rows x d, errors)."""
+        stored = batch.column("embeddings").to_pylist()
+        vectors: dict[int, np.ndarray] = {}
+        for row, entry in enumerate(stored):
+            if entry is not None and entry.get("model") == self.model_name and entry.get("image"):
+                vector = np.asarray(entry["image"], dtype=np.float32)
+                vectors[row] = vector / max(float(np.linalg.norm(vector)), 1e-12)  # renormalise after float16
+        errors: list[str | None] = [None] * batch.num_rows
+        missing = [row for row in range(batch.num_rows) if row not in vectors]
+        if missing:
+            if not hasattr(self, "model"):
+                self._load_model()
+            images = batch.column("images").to_pylist()
+            data = [images[row][0]["bytes"] if images[row] else None for row in missing]
+            computed, computed_errors = embed_images(self.model, data, self.pool, self.params.decode_threads)
+            for row, vector, error in zip(missing, computed, computed_errors):
+                vectors[row], errors[row] = vector, error
+        if not vectors:
+            return np.zeros((0, 0), dtype=np.float32), errors
+        dim = max(len(v) for v in vectors.values())
+        embeddings = np.full((batch.num_rows, dim), np.nan, dtype=np.float32)
+        for row, vector in vectors.items():
+            if len(vector) != dim:
+                raise ModelUnavailable(f"stored {len(vector)}-d and {dim}-d embeddings of {self.model_name} disagree")
+            embeddings[row] = vector
+        return embeddings, errors
