@@ -180,7 +180,7 @@ def test_engine_run_drops_copies_of_evaluation_images(tmp_path, local_ray):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "source: {type: url_list, path: urls.parquet}\n"
-        "stages:\n  fetch: {allow_private_addresses: true, backoff_base: 0.01}\n"
+        "stages:\n  fetch: {allow_private_addresses: true, host_rate: null, backoff_base: 0.01}\n"
         "  clip_score: {}\n"
         f"  decontaminate: {{sets: [{{name: heldout, path: eval}}], threshold: {TINY_CLIP_THRESHOLD}}}\n"
         "output: {path: out, formats: [parquet]}\nengine: {rows_per_work_shard: 20}\n")

@@ -357,7 +357,7 @@ def test_engine_run_drops_exact_and_perceptual_duplicates_of_the_demo_web(tmp_pa
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "source: {type: url_list, path: urls.parquet}\n"
-        "stages:\n  fetch: {allow_private_addresses: true, backoff_base: 0.01}\n"
+        "stages:\n  fetch: {allow_private_addresses: true, host_rate: null, backoff_base: 0.01}\n"
         "  dedup_exact: {}\n  dedup_perceptual: {max_distance: 6}\n"
         "output: {path: out, formats: [parquet]}\nengine: {rows_per_work_shard: 25}\n")
     if ray.is_initialized():

@@ -310,6 +310,41 @@ def test_interrupted_run_resumes_to_the_same_shards(uninterrupted, demo_web, tmp
     assert refetched < sum(1 for _ in server.routes)  # finished work shards were not fetched again
 
 
+@pytest.fixture(scope="module")
+def with_models(demo_web, tmp_path_factory):
+    """The demo recipe with its model and dedup phases, uninterrupted: the reference for crashes in them."""
+    _, url_list = demo_web
+    output = tmp_path_factory.mktemp("with-models") / "out"
+    loaded = load_recipe(DEMO_RECIPE, [f"source.path={url_list}", f"output.path={output}", *DETERMINISM])
+    return execute(compile_plan(loaded), Console(file=io.StringIO()), progress=False)
+
+
+# One crash in the model phase and one in a corpus phase (after its decision was saved and one
+# work shard had the decision applied); prepare and write are covered above.
+@pytest.mark.parametrize("phase, shard", [("model", 1), ("dedup_perceptual", 0)])
+def test_a_crash_in_a_model_or_corpus_phase_resumes_to_the_same_shards(with_models, demo_web, tmp_path, phase,
+                                                                         shard):
+    _, url_list = demo_web
+    output = tmp_path / "killed"
+    args = ["run", str(DEMO_RECIPE), "--no-progress", "--set", f"source.path={url_list}", "--set",
+            f"output.path={output}", *[a for pair in DETERMINISM for a in ("--set", pair)]]
+    killed = cli(*args, env={"CURATE_TEST_CRASH_AFTER": f"{phase}:{shard}"})
+    assert killed.returncode == 86, killed.stderr
+    assert not (output / "manifest.json").exists()
+    if phase.startswith("dedup"):
+        assert (output / "_work" / phase / "decision.json").exists()
+    resumed = cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert_reconciles(manifest, output)
+    assert shard_digests(manifest) == shard_digests(with_models)
+    assert manifest["drop_log"]["sha256"] == with_models["drop_log"]["sha256"]
+
+    def without_timing(decisions: dict) -> dict:
+        return {name: {k: v for k, v in d.items() if k != "seconds"} for name, d in decisions.items()}
+
+    assert without_timing(manifest["decisions"]) == without_timing(with_models["decisions"])
+
 def test_rerun_of_a_finished_output_is_a_no_op(uninterrupted, demo_web):
     server, url_list = demo_web
     folder, first, _ = uninterrupted

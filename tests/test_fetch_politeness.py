@@ -15,7 +15,7 @@ from curate.fetch.robots import RobotsRules, normalise, parse_robots, pattern_ma
 
 BODY = b"\xff\xd8" + bytes(range(256)) * 4
 EPSILON = 0.02  # clock and scheduling jitter allowed below a minimum duration measured by the client
-ARRIVAL_JITTER = 0.06  # the same for spacings measured at the server (thread wake-up and send on a loaded machine)
+ARRIVAL_JITTER = 0.06  # the same for spans measured at the server (thread wake-up and send on a loaded machine)
 
 
 @pytest.fixture
@@ -41,6 +41,16 @@ def port_of(loopback) -> int:
 
 def gaps(times: list[float]) -> list[float]:
     return [later - earlier for earlier, later in zip(times, times[1:])]
+
+
+def assert_spaced(arrivals: list[float], interval: float) -> None:
+    """Requests arrived at most one per `interval` on average, and never in a burst.
+
+    One request that the loaded machine delivers late shortens the next gap, so single
+    gaps are only required to be half the interval (an unlimited client gives ~1 ms).
+    """
+    assert arrivals[-1] - arrivals[0] >= (len(arrivals) - 1) * interval - ARRIVAL_JITTER
+    assert min(gaps(arrivals)) >= interval / 2
 
 
 # --------------------------------------------------------------------------- Retry-After and backoff
@@ -124,7 +134,7 @@ def test_rate_limit_spaces_the_requests_to_one_host(loopback, fetcher):
     elapsed = time.monotonic() - start
     assert all(result.ok for result in results)
     assert elapsed >= (6 - 1) / 5.0 - EPSILON
-    assert min(gaps(loopback.routes["/img.jpg"].hit_times)) >= 1 / 5.0 - ARRIVAL_JITTER
+    assert_spaced(loopback.routes["/img.jpg"].hit_times, 1 / 5.0)
 
 
 def test_two_hosts_are_limited_separately_and_interleave(loopback, fetcher):
@@ -147,7 +157,7 @@ def test_two_hosts_are_limited_separately_and_interleave(loopback, fetcher):
     assert sorted(hosts) == ["a.example"] * 4 + ["b.example"] * 4
     for host in ("a.example", "b.example"):
         times = [t for t, headers in zip(route.hit_times, route.request_headers) if headers["Host"].startswith(host)]
-        assert min(gaps(sorted(times))) >= 1 / 4.0 - ARRIVAL_JITTER
+        assert_spaced(sorted(times), 1 / 4.0)
 
 
 def test_concurrency_cap_per_host(loopback, fetcher):

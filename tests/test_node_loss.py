@@ -40,7 +40,7 @@ def test_losing_a_node_mid_run_loses_no_row(two_node_cluster, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "source: {type: url_list, path: urls.parquet}\n"
-        "stages:\n  fetch: {allow_private_addresses: true, backoff_base: 0.01, threads: 2}\n"
+        "stages:\n  fetch: {allow_private_addresses: true, host_rate: null, backoff_base: 0.01, threads: 2}\n"
         "output: {path: out, formats: [parquet]}\nengine: {rows_per_work_shard: 5}\n")
     output = tmp_path / "out"
     result: dict = {}

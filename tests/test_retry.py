@@ -62,7 +62,7 @@ def finished_run(tmp_path, local_ray):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "source: {type: url_list, path: urls.parquet}\n"
-        "stages:\n  fetch: {allow_private_addresses: true, retries: 1, backoff_base: 0.01}\n"
+        "stages:\n  fetch: {allow_private_addresses: true, host_rate: null, retries: 1, backoff_base: 0.01}\n"
         "output: {path: out, formats: [parquet, webdataset], shard_rows: 5}\nengine: {rows_per_work_shard: 6}\n")
     plan = compile_plan(load_recipe(recipe, [f"output.path={tmp_path / 'out'}"]))
     manifest = execute(plan, Console(file=io.StringIO()), progress=False)
