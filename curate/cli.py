@@ -20,7 +20,9 @@ errors = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from curate.redact import redact_text  # an error may quote a URL, a header or a value holding a secret
+
+    errors.print(f"[bold red]error:[/] {redact_text(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -33,7 +35,9 @@ def _run_recipe(recipe: str, overrides: list[str], address: Optional[str], dry_r
     try:
         plan = compile_plan(load_recipe(recipe, overrides), require_weights=not dry_run)
         if dry_run:
-            console.print_json(json.dumps(plan.describe()))
+            from curate.redact import redact_data
+
+            console.print_json(json.dumps(redact_data(plan.describe())))
             for warning in plan.warnings:
                 errors.print(f"[yellow]warning:[/] {warning} (a real run stops here)", highlight=False)
             console.print("[green]recipe is valid[/] (dry run: nothing was fetched or written)")
@@ -67,8 +71,10 @@ def _summarize(manifest: dict) -> None:
     from curate.manifest.inspect import render
 
     render(manifest, console)
-    output = Path(manifest["recipe"]["resolved"]["output"]["path"]).resolve()
-    console.print(f"\n[bold]output:[/] {output}")
+    from curate.storage import location
+
+    output = location(manifest["recipe"]["resolved"]["output"]["path"])  # a local folder or a store URL
+    console.print(f"\n[bold]output:[/] {output.resolve() if isinstance(output, Path) else output}")
 
 
 @app.command()
@@ -82,7 +88,7 @@ def demo(
     from curate.demo.server import LoopbackServer
     from curate.demo.web import build_synthetic_web, write_url_list
 
-    web = build_synthetic_web(n_images=images)
+    web = build_synthetic_web(n_images=images, watermarked=0.05)
     with tempfile.TemporaryDirectory(prefix="curate-demo-") as folder, LoopbackServer(web.routes) as server:
         url_list = Path(folder) / "urls.parquet"
         write_url_list(web, server.base_url, url_list)
@@ -137,7 +143,7 @@ def diff(
 
 
 @app.command()
-def verify(path: Path = typer.Argument(..., help="An output folder or its manifest.json.")) -> None:
+def verify(path: str = typer.Argument(..., help="An output folder or its manifest.json (local, or s3://...).")) -> None:
     """Recompute every shard's sha256 and row count against the manifest; exit 1 on any mismatch."""
     from curate.manifest.verify import verify_output
 
@@ -201,6 +207,31 @@ def publish(
                        say=lambda line: console.print(line, highlight=False, soft_wrap=True))
     except PublishError as error:
         _fail(str(error), code=error.code)
+
+
+@app.command()
+def export(
+    output: Path = typer.Argument(..., help="A finished output folder (with manifest.json)."),
+    dest: Path = typer.Argument(..., help="The export folder (new or empty; see --overwrite)."),
+    to: str = typer.Option(..., "--to", help="Format: llava, obelics, bagel, wds or hf."),
+    role: Optional[str] = typer.Option(None, "--role", help="Export only this role's samples, with its caption "
+                                                            "policy and resolution (default: every sample)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in DEST."),
+    shard_rows: int = typer.Option(10_000, "--shard-rows", min=1, help="Samples per Parquet file or tar."),
+    pairs_as_documents: bool = typer.Option(False, "--pairs-as-documents", help="obelics: export pairs as "
+                                                                                "two-element documents."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="llava: the question after <image>."),
+) -> None:
+    """Export OUTPUT for a trainer: resized per role, captions per the role's policy, plus DEST/export.json."""
+    from curate.export import ExportError, ExportOptions, export_output
+
+    options = ExportOptions(shard_rows=shard_rows, pairs_as_documents=pairs_as_documents,
+                            **({"prompt": prompt} if prompt is not None else {}))
+    try:
+        export_output(output, dest, to, role=role, overwrite=overwrite, options=options,
+                      say=lambda text: console.print(text, highlight=False, soft_wrap=True))
+    except ExportError as error:
+        _fail(str(error))
 
 
 def main() -> None:

@@ -106,6 +106,15 @@ class Stage:
         """The models this stage uses (name, weights, sha256, ...), for the manifest."""
         return []
 
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add to a counter of this stage (e.g. images blurred); the manifest sums it per stage."""
+        counters = self.__dict__.setdefault("_counters", {})
+        counters[name] = counters.get(name, 0) + amount
+
+    def take_counters(self) -> dict[str, int]:
+        """The counts since the last call, then reset (the engine calls it after each batch)."""
+        return self.__dict__.pop("_counters", {})
+
 
 def with_drops(batch: pa.Table, reasons: list[str | None], details: list[str | None] | None = None) -> pa.Table:
     """Attach per-row drop reasons (None = keep) and details to `batch`.

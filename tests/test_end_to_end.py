@@ -33,7 +33,7 @@ def _ray(local_ray):
 
 # These tests are about fetching, filtering and writing: the demo recipe's model and dedup stages are
 # turned off (tests/test_model_pass.py and tests/test_dedup.py cover them).
-NO_MODELS = ("stages.clip_score=false", "stages.aesthetic=false", "stages.dedup_exact=false",
+NO_MODELS = ("stages.clip_score=false", "stages.aesthetic=false", "stages.watermark=false", "stages.dedup_exact=false",
              "stages.dedup_perceptual=false")
 
 

@@ -30,7 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO_ROOT / "pipelines" / "demo.yaml"
 REPO = "curators/demo-pairs"
 # The card's model table is checked on the example demo manifest; the test output skips the model pass to stay fast.
-WITHOUT_MODELS_AND_DEDUP = ("stages.clip_score=false", "stages.aesthetic=false", "stages.dedup_exact=false",
+WITHOUT_MODELS_AND_DEDUP = ("stages.clip_score=false", "stages.aesthetic=false", "stages.watermark=false",
+                            "stages.dedup_exact=false",
                             "stages.dedup_perceptual=false")
 EXAMPLE_MANIFEST = REPO_ROOT / "manifests" / "example-demo.manifest.json"
 

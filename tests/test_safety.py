@@ -21,7 +21,7 @@ from curate.demo.server import LoopbackServer, Route
 from curate.demo.watermark import WATERMARK_KINDS, watermark_examples
 from curate.demo.web import Scene, build_synthetic_web, draw_scene, encode, planted_counts, write_url_list
 from curate.engine.run import compile_plan, execute
-from curate.fetch.config import EncodeParams, ResizeParams
+from curate.fetch.config import FetchParams
 from curate.fetch.image import phash, process_image
 from curate.models.clip import TINY_CLIP, load_clip
 from curate.models.watermark import TINY_WATERMARK, WatermarkSpec, check_watermark_available, load_watermark
@@ -358,6 +358,7 @@ def test_the_demo_web_plants_watermarked_rows_only_when_asked():
 
 def test_presets_put_the_safety_stages_in_their_own_phase_after_dedup(tmp_path):
     recipe = yaml.safe_load((REPO / "pipelines" / "demo.yaml").read_text())
+    recipe["stages"].pop("watermark")  # the demo's own tiny watermark filter; the presets bring theirs
     recipe["include"] = ["safe_generation"]
     pq.write_table(pa.table({"url": ["http://127.0.0.1/x.jpg"], "caption": ["a red circle"]}),
                    tmp_path / "urls.parquet")
@@ -444,7 +445,8 @@ def safety_run(local_ray, tmp_path_factory):
     expect: dict[str, str] = {}
     for row in table:
         expect.setdefault(row["url"], row["expect"])  # a repeated URL keeps its first row's condition
-    return SimpleNamespace(folder=folder, manifest=manifest, expect=expect, rows=len(table), hits=hits, routes=routes)
+    return SimpleNamespace(folder=folder, manifest=manifest, expect=expect, rows=len(table), hits=hits, routes=routes,
+                           fetch=fetch)
 
 
 def output_files(out: Path) -> list[Path]:
@@ -455,10 +457,10 @@ def kept_rows(out: Path) -> list[dict]:
     return pq.read_table(sorted((out / "parquet").glob("*.parquet"))).to_pylist()
 
 
-def stored_png(data: bytes) -> bytes:
-    """The bytes fetch stores for `data` under the test recipe (PNG, longest side at most 1024)."""
-    resize = ResizeParams(mode="keep_ratio", side="longest", size=1024, only_if_bigger=True)
-    return process_image(data, resize, EncodeParams(format="png"), 89_478_485).data
+def stored_png(data: bytes, fetch: dict) -> bytes:
+    """The bytes the run's fetch stage stores for the served `data` (PNG, the demo recipe's resize)."""
+    params = FetchParams.model_validate(fetch)
+    return process_image(data, params.resize, params.encode, params.max_pixels).data
 
 
 def test_run_reconciles_and_blocked_urls_are_never_downloaded(safety_run):
@@ -486,7 +488,7 @@ def test_blocked_images_and_urls_appear_in_no_output_file(safety_run):
     assert len(blocked_urls) == 5
     blocked_paths = ["/" + url.split("/", 3)[3] for url in blocked_urls]
     blocked_bytes = [routes[path].body for path in blocked_paths]
-    stored = [stored_png(body) for body in blocked_bytes]
+    stored = [stored_png(body, safety_run.fetch) for body in blocked_bytes]
     needles = [url.encode() for url in blocked_urls] + blocked_bytes + stored
     needles.append(hashlib.sha256(JETS_PHOTO.read_bytes()).hexdigest().encode())
     files = output_files(out)
@@ -511,18 +513,22 @@ def test_faces_are_blurred_in_the_written_shards(safety_run):
     (row,) = [r for r in rows if r["image_meta"][0]["url"] == face_url]
     meta = json.loads(row["meta"])
     assert meta["faces_blurred"] == 1 and len(meta["faces"][0]) == 1
+    blurred = sum(json.loads(r["meta"]).get("faces_blurred", 0) for r in rows if r["meta"])
+    faces_stage = next(s for s in safety_run.manifest["stages"] if s["name"] == "faces")
+    assert faces_stage["counters"] == {"images_blurred": blurred} and blurred >= 1  # the count in the manifest
     box = meta["faces"][0][0]
     assert iou(box, [165, 212, 70, 70]) > 0.5
     written = row["images"][0]["bytes"]
     assert row["image_meta"][0]["num_bytes"] == len(written) and row["image_meta"][0]["format"] == "png"
-    before, after = decoded(stored_png(FACE_PHOTO.read_bytes())), decoded(written)
+    unblurred = stored_png(FACE_PHOTO.read_bytes(), safety_run.fetch)
+    before, after = decoded(unblurred), decoded(written)
     x0, y0, x1, y1 = grown(box, FacesParams().margin, (before.shape[1], before.shape[0]))
     outside = np.ones(before.shape[:2], dtype=bool)
     outside[y0:y1, x0:x1] = False
     assert np.abs(after[y0:y1, x0:x1] - before[y0:y1, x0:x1]).mean() > 4.0
     assert np.array_equal(after[outside], before[outside])
     tar = b"".join(p.read_bytes() for p in sorted((folder / "out" / "webdataset").glob("*.tar")))
-    assert written in tar and stored_png(FACE_PHOTO.read_bytes()) not in tar
+    assert written in tar and unblurred not in tar
 
 
 def test_scores_and_watermark_filter_in_the_run(safety_run):

@@ -22,12 +22,14 @@ class StageStats:
     rows_out: int = 0
     dropped: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    counters: Counter = field(default_factory=Counter)  # what the stage counted (Stage.count), e.g. images blurred
 
     def add(self, other: "StageStats") -> None:
         self.rows_in += other.rows_in
         self.rows_out += other.rows_out
         self.dropped.update(other.dropped)
         self.seconds += other.seconds
+        self.counters.update(other.counters)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -35,11 +37,13 @@ class StageStats:
             "rows_out": self.rows_out,
             "dropped": dict(sorted(self.dropped.items())),
             "seconds": round(self.seconds, 3),
+            **({"counters": dict(sorted(self.counters.items()))} if self.counters else {}),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "StageStats":
-        return cls(data["rows_in"], data["rows_out"], Counter(data["dropped"]), data["seconds"])
+        return cls(data["rows_in"], data["rows_out"], Counter(data["dropped"]), data["seconds"],
+                   Counter(data.get("counters", {})))
 
 
 def first_url(table: pa.Table) -> list[str | None]:
@@ -89,6 +93,7 @@ def process_isolating_errors(stage: Stage, batch: pa.Table) -> pa.Table:
     try:
         return stage.process(batch)
     except Exception as error:  # narrowed down to the failing samples below
+        stage.take_counters()  # the failed batch's partial counts; the rows are counted again one by one
         if batch.num_rows == 1:
             return with_drops(batch, [STAGE_ERROR], [_describe(error)])
     results, failures = [], []
@@ -140,6 +145,7 @@ def apply_stages(stages: list[Stage], batch: pa.Table, stats: dict[str, StageSta
         entry.rows_out += kept.num_rows
         entry.dropped.update(drops.column("reason").to_pylist())
         entry.seconds += time.perf_counter() - started
+        entry.counters.update(stage.take_counters())
         if drops.num_rows:
             drop_tables.append(drops)
         batch = kept

@@ -7,15 +7,17 @@ import platform
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import schema
+from curate import schema, storage
 from curate.files import RunLayout, sha256_file
 from curate.manifest.validate import validate_manifest
+from curate.redact import redact_data
 
 if TYPE_CHECKING:
     from curate.engine.run import Plan
@@ -53,9 +55,9 @@ def field_statistics(files: list[Path]) -> dict[str, Any]:
     """Quantiles of the main numeric fields over the kept samples in `files`."""
     columns: dict[str, list[float]] = {name: [] for name in (
         "width", "height", "original_width", "original_height", "num_bytes", "caption_chars", "caption_words",
-        "clip_score", "aesthetic", "clip_direction")}
+        "clip_score", "aesthetic", "clip_direction", "nsfw", "watermark")}
     for file in files:
-        table = pq.read_table(file, columns=["image_meta", "captions", "scores"])
+        table = storage.read_table(file, columns=["image_meta", "captions", "scores"])
         if table.num_rows == 0:
             continue
         flat = pc.list_flatten(table.column("image_meta"))
@@ -66,7 +68,7 @@ def field_statistics(files: list[Path]) -> dict[str, Any]:
             if text is not None:
                 columns["caption_chars"].append(len(text))
                 columns["caption_words"].append(len(text.split()))
-        for score in ("clip_score", "aesthetic", "clip_direction"):
+        for score in ("clip_score", "aesthetic", "clip_direction", "nsfw", "watermark"):
             values = pc.struct_field(table.column("scores"), score).to_pylist()
             columns[score].extend(v for v in values if v is not None)
     return {name: summarize(values) for name, values in columns.items() if values}
@@ -75,7 +77,52 @@ def field_statistics(files: list[Path]) -> dict[str, Any]:
 def _kinds(files: list[Path]) -> dict[str, int]:
     counts: Counter = Counter()
     for file in files:
-        counts.update(pq.read_table(file, columns=["kind"]).column("kind").to_pylist())
+        counts.update(storage.read_table(file, columns=["kind"]).column("kind").to_pylist())
+    return dict(sorted(counts.items()))
+
+
+def role_counts(files: list[Path], names: Iterable[str] = ()) -> dict[str, dict[str, int]]:
+    """Per role: output samples carrying it, their images and image bytes (`image_meta[].num_bytes`).
+
+    A sample counts once under each of its roles. The recipe's roles (`names`) come first, in recipe
+    order and with zero counts, then any other role found in the `roles` column, by name.
+    """
+    counts = {name: {"samples": 0, "images": 0, "bytes": 0} for name in names}
+    found: dict[str, dict[str, int]] = {}
+    for file in files:
+        table = storage.read_table(file, columns=["roles", "image_meta"]).combine_chunks()
+        roles = table.column("roles").chunk(0) if table.num_rows else None
+        if roles is None or len(pc.list_flatten(roles)) == 0:
+            continue
+        metas = table.column("image_meta").chunk(0)
+        images = pc.fill_null(pc.list_value_length(metas), 0).to_numpy(zero_copy_only=False)
+        flat = pc.list_flatten(metas)
+        sizes = pc.fill_null(pc.struct_field(flat, "num_bytes"), 0).to_numpy(zero_copy_only=False)
+        parents = pc.list_parent_indices(metas).to_numpy(zero_copy_only=False)
+        image_bytes = np.bincount(parents, weights=sizes, minlength=table.num_rows)
+        role_names = np.asarray(pc.list_flatten(roles).to_pylist(), dtype=object)
+        role_rows = pc.list_parent_indices(roles).to_numpy(zero_copy_only=False)
+        for name in dict.fromkeys(role_names.tolist()):
+            rows = np.unique(role_rows[role_names == name])
+            entry = counts.get(name) or found.setdefault(name, {"samples": 0, "images": 0, "bytes": 0})
+            entry["samples"] += int(rows.size)
+            entry["images"] += int(images[rows].sum())
+            entry["bytes"] += int(round(float(image_bytes[rows].sum())))
+    return {**counts, **dict(sorted(found.items()))}
+
+
+def caption_variant_counts(files: list[Path]) -> dict[str, int]:
+    """Per caption variant name: output samples that have it with text (e.g. how many matched a caption join)."""
+    counts: Counter = Counter()
+    for file in files:
+        captions = storage.read_table(file, columns=["captions"]).column("captions").combine_chunks()
+        flat = pc.list_flatten(captions)
+        if len(flat) == 0:
+            continue
+        pairs = pa.table({"name": pc.struct_field(flat, "name"), "row": pc.list_parent_indices(captions)})
+        pairs = pairs.filter(pc.is_valid(pc.struct_field(flat, "text")))
+        grouped = pairs.group_by("name").aggregate([("row", "count_distinct")])
+        counts.update(dict(zip(grouped.column("name").to_pylist(), grouped.column("row_count_distinct").to_pylist())))
     return dict(sorted(counts.items()))
 
 
@@ -90,7 +137,7 @@ def image_counts(files: list[Path]) -> tuple[dict[str, Any], list[int]]:
     by_kind: Counter = Counter()
     per_sample: list[int] = []
     for file in files:
-        parquet = pq.ParquetFile(file)
+        parquet = storage.parquet_file(file)
         table = parquet.read(columns=["kind", _image_path_leaf(parquet)])
         counts = pc.fill_null(pc.list_value_length(table.column("images")), 0).to_pylist()
         per_sample.extend(counts)
@@ -111,7 +158,7 @@ def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], r
     rows_by_format = {name: sum(f["rows"] for f in shards if f["format"] == name) for name in formats}
     output_rows = rows_by_format[formats[0]] if formats else 0
     input_rows = source_stats["rows_in"]
-    drops = pq.read_table(layout.drops, columns=["reason"]).column("reason").to_pylist()
+    drops = storage.read_table(layout.drops, columns=["reason"]).column("reason").to_pylist()
     images, images_per_sample = image_counts(final_files)
     reconciliation = {
         "input_rows": input_rows,
@@ -129,17 +176,19 @@ def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], r
             "name": plan.loaded.recipe.name,
             "file": str(plan.loaded.file),
             "sha256": plan.loaded.sha256(),
-            "resolved": plan.loaded.resolved(),
+            "resolved": redact_data(plan.loaded.resolved()),  # no token, password or URL credential
         },
         "versions": library_versions(),
         "device": {**device, "resources": {k: v for k, v in sorted(resources.items()) if k in ("CPU", "GPU",
                                                                                                 "memory")}},
-        "sources": [{**plan.source.describe(), "rows": input_rows}],
+        "sources": [redact_data({**plan.source.describe(), "rows": input_rows})],
         "stages": stage_stats,
         "phases": [{"name": name, "seconds": round(value, 3)} for name, value in phase_seconds.items()],
         "models": models or [],
         "decisions": decisions or {},
         "kinds": _kinds(final_files),
+        "roles": role_counts(final_files, plan.loaded.roles),
+        "captions": caption_variant_counts(final_files),
         "images": images,
         "outputs": {"formats": formats, "rows": output_rows, "shards": shards},
         "drop_log": {

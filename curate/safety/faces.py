@@ -150,6 +150,7 @@ class FacesStage(Stage):
             update: dict = {"faces": boxes}
             if self.params.blur:
                 update["faces_blurred"] = self._blur_row(images[row], metas[row] or [], decoded, boxes)
+                self.count("images_blurred", update["faces_blurred"])
             sample_meta[row] = merge_meta(sample_meta[row], update)
         if self.params.blur:
             batch = self._set(batch, "images", images)

@@ -51,7 +51,8 @@ def bundled_model() -> Path:
     try:
         return Path(str(importlib.resources.files("nudenet") / "320n.onnx"))
     except ModuleNotFoundError as error:
-        raise RecipeError("the nsfw stage needs the `nudenet` package: pip install nudenet") from error
+        raise RecipeError("the nsfw stage needs the `nudenet` package: pip install 'curate[safety]' "
+                          "(nudenet's wheel carries an AGPL-3.0 licence file)") from error
 
 
 class NsfwParams(Params):

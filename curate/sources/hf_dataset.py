@@ -23,14 +23,12 @@ from typing import Any, Iterator, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from curate.sources.base import Source
 from curate.sources.stored_images import (
     DEFAULT_MAX_IMAGE_BYTES,
+    StoredImagesSource,
     StoredRow,
     cell_bytes,
-    default_dataset,
     pair_tables,
-    resolve_path,
     score,
     text,
 )
@@ -60,22 +58,12 @@ class HfDatasetParams(Params):
     max_image_bytes: int = Field(DEFAULT_MAX_IMAGE_BYTES, ge=1)
 
 
-class HfDatasetSource(Source):
+class HfDatasetSource(StoredImagesSource):
     """Streams a local Hugging Face dataset as `pair` samples, one per row, in dataset order."""
 
     name = "hf_dataset"
     Params = HfDatasetParams
     params: HfDatasetParams
-
-    @property
-    def path(self) -> str:
-        """The dataset's path, made absolute."""
-        return resolve_path(self.params.path, self.recipe_dir)
-
-    @property
-    def dataset(self) -> str:
-        """The dataset name recorded in `source.dataset` and used as the key's source id."""
-        return self.params.dataset or default_dataset(self.path)
 
     def is_saved_to_disk(self) -> bool:
         """True for a folder written by `save_to_disk`."""

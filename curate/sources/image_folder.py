@@ -6,6 +6,8 @@ removed) and its metadata from `photos/cat.json` (a JSON object: the caption und
 key into `meta`). The folder is read recursively in a fixed order: within a folder its
 files by name, then its subfolders by name; hidden files and folders are skipped. Only one
 folder's listing is held at a time.
+Symlinked files are read only when they resolve inside the folder, unless `links: follow`;
+anything that is not a regular file (a FIFO, a device) is `unreadable`, never opened for reading.
 
 Every image file is one input row, its `source.id` the path relative to the folder. An image
 that cannot be read, is above `max_image_bytes` or has no image header, and a sidecar JSON
@@ -17,23 +19,22 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import pyarrow as pa
 from pydantic import Field
 
-from curate.sources.base import Source
 from curate.sources.stored_images import (
     BAD_INPUT_ROW,
     DEFAULT_MAX_IMAGE_BYTES,
     MISSING_IMAGE,
     UNREADABLE,
+    StoredImagesSource,
     StoredRow,
-    default_dataset,
     pair_tables,
     read_image_file,
-    resolve_path,
     text,
 )
 from curate.stage import Params, RecipeError
@@ -55,24 +56,17 @@ class ImageFolderParams(Params):
     license_key: str | None = "license"  # `.json` key recorded as source.license
     orphan_sidecars: Literal["drop", "ignore"] = "drop"  # `.txt`/`.json` without an image: a drop row, or nothing
     max_image_bytes: int = Field(DEFAULT_MAX_IMAGE_BYTES, ge=1)
+    # inside: a symlinked image or sidecar is read only when it resolves inside the folder (others are `unreadable`);
+    # follow: wherever it points (e.g. a Hugging Face cache snapshot, whose files link to ../../blobs)
+    links: Literal["inside", "follow"] = "inside"
 
 
-class ImageFolderSource(Source):
+class ImageFolderSource(StoredImagesSource):
     """Streams an image folder as `pair` samples, one per image file, in a fixed order."""
 
     name = "image_folder"
     Params = ImageFolderParams
     params: ImageFolderParams
-
-    @property
-    def path(self) -> str:
-        """The folder's absolute path."""
-        return resolve_path(self.params.path, self.recipe_dir)
-
-    @property
-    def dataset(self) -> str:
-        """The dataset name recorded in `source.dataset` and used as the key's source id."""
-        return self.params.dataset or default_dataset(self.path)
 
     def preflight(self) -> None:
         """Check the folder exists."""
@@ -111,6 +105,11 @@ class ImageFolderSource(Source):
     def _row(self, image_path: str, sidecars: dict[str, str]) -> StoredRow:
         p = self.params
         row = StoredRow(Path(os.path.relpath(image_path, self.path)).as_posix())
+        if p.links == "inside":
+            outside = [f for f in (image_path, *sidecars.values()) if not _resolves_inside(f, self.path)]
+            if outside:
+                row.reason, row.detail = UNREADABLE, f"{outside[0]} links outside the folder (source.links: inside)"
+                return row
         caption, problem = _read_text(sidecars["txt"]) if "txt" in sidecars else (None, None)
         record, json_problem = _read_json(sidecars["json"]) if "json" in sidecars else ({}, None)
         problem = problem or json_problem
@@ -159,9 +158,17 @@ def _by_stem(names: list[str]) -> dict[str, dict[str, str]]:
     return groups
 
 
+def _resolves_inside(path: str, root: str) -> bool:
+    """True when `path`, with every link resolved, is within the folder `root` (resolved too)."""
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([os.path.realpath(path), real_root]) == real_root
+
+
 def _read_text(path: str) -> tuple[str | None, tuple[str, str] | None]:
     """A caption file's text without line breaks at its end, or (None, (reason, detail))."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+            return None, (UNREADABLE, f"{path} is not a regular file")
         with open(path, "rb") as handle:
             data = handle.read(_SIDECAR_BYTES + 1)
     except OSError as error:

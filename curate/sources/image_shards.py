@@ -24,7 +24,6 @@ from typing import Any, Iterator, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from curate.sources.base import Source
 from curate.sources.shard_readers import ParquetRecord, TarSample, parquet_columns, parquet_records, tar_samples
 from curate.sources.stored_images import (
     BAD_INPUT_ROW,
@@ -33,12 +32,11 @@ from curate.sources.stored_images import (
     DEFAULT_MAX_IMAGE_BYTES,
     MISSING_IMAGE,
     TOO_LARGE,
+    StoredImagesSource,
     StoredRow,
     cell_bytes,
-    default_dataset,
     matching_files,
     pair_tables,
-    resolve_path,
     score,
     text,
 )
@@ -72,22 +70,12 @@ class ImageShardsParams(Params):
     max_image_bytes: int = Field(DEFAULT_MAX_IMAGE_BYTES, ge=1)
 
 
-class ImageShardsSource(Source):
+class ImageShardsSource(StoredImagesSource):
     """Streams WebDataset tars or Parquet shards as `pair` samples, in file order."""
 
     name = "image_shards"
     Params = ImageShardsParams
     params: ImageShardsParams
-
-    @property
-    def path(self) -> str:
-        """The shard, folder or glob, made absolute."""
-        return resolve_path(self.params.path, self.recipe_dir)
-
-    @property
-    def dataset(self) -> str:
-        """The dataset name recorded in `source.dataset` and used as the key's source id."""
-        return self.params.dataset or default_dataset(self.path)
 
     def files(self) -> tuple[str, list[str]]:
         """(format, the shard files in reading order); raises RecipeError when there are none."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -23,6 +24,7 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 
 from curate.schema import caption_text, from_rows, sample_key
+from curate.sources.base import Source
 from curate.sources.edit_images import ImageCellError, probe
 from curate.stage import RecipeError, with_drops
 
@@ -176,7 +178,10 @@ def cell_bytes(cell: Any, base_dir: Path, max_image_bytes: int) -> tuple[bytes |
 def read_image_file(path: Path, max_image_bytes: int) -> tuple[bytes | None, str | None, str | None]:
     """The bytes of the image file `path`: (bytes, drop reason, detail); too large files are not read."""
     try:
-        size = os.stat(path).st_size
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read forever, a device never end
+            return None, UNREADABLE, f"{path} is not a regular file"
+        size = info.st_size
         if size > max_image_bytes:
             return None, TOO_LARGE, f"{path}: {size} bytes > max_image_bytes {max_image_bytes}"
         with open(path, "rb") as handle:
@@ -228,3 +233,17 @@ def default_dataset(path: str) -> str:
 def _table(chunk: list[tuple[dict[str, Any], str | None, str | None]]) -> pa.Table:
     samples, reasons, details = zip(*chunk)
     return with_drops(from_rows(samples), list(reasons), list(details))
+
+
+class StoredImagesSource(Source):
+    """Base of the sources that read images stored on disk: `params.path` and `params.dataset`."""
+
+    @property
+    def path(self) -> str:
+        """The configured path, made absolute against the recipe's folder."""
+        return resolve_path(self.params.path, self.recipe_dir)
+
+    @property
+    def dataset(self) -> str:
+        """The dataset name recorded in `source.dataset` and used as the key's source id."""
+        return self.params.dataset or default_dataset(self.path)

@@ -3,6 +3,7 @@
 Each input row becomes one `pair` sample whose image is still to be fetched. The
 file is streamed (Parquet by record batches, CSV/TSV with Arrow's streaming
 reader, JSON Lines line by line), so memory stays bounded whatever its size.
+The file may be local or in a store (`s3://bucket/urls.parquet`, see curate/storage.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
+from curate import storage
 from curate.schema import from_rows, sample_key
 from curate.sources.base import Source
 from curate.stage import Params, RecipeError, with_drops
@@ -38,14 +39,14 @@ _EXTENSIONS = {
 _GZIP_OK = {"csv", "tsv", "jsonl"}
 _DELIMITERS = {"csv": ",", "tsv": "\t"}
 _PANDAS_INDEX = re.compile(r"^__index_level_\d+__$")
-_CSV_BLOCK_BYTES = 1 << 20
+_CSV_BLOCK_BYTES = 16 << 20  # a CSV row (a long caption) must fit in one block
 _JSONL_HEADER_LINES = 100  # preflight looks this far for a first readable JSON object
 
 
 class UrlListParams(Params):
     """Where the URL list is and which of its columns mean what."""
 
-    path: str  # relative paths resolve against the recipe's directory
+    path: str  # relative paths resolve against the recipe's directory; s3://... and other store URLs as given
     format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
     url_column: str = "url"
     caption_column: str | None = "caption"  # None: the list has no captions
@@ -103,7 +104,9 @@ class UrlListSource(Source):
 
     @property
     def path(self) -> str:
-        """The list's absolute path (`params.path` resolved against the recipe directory)."""
+        """The list's absolute path (`params.path` resolved against the recipe directory), or its store URL."""
+        if storage.is_remote(self.params.path):
+            return str(storage.location(self.params.path))
         path = os.path.expanduser(self.params.path)
         return os.path.abspath(os.path.join(self.recipe_dir, path))
 
@@ -129,7 +132,11 @@ class UrlListSource(Source):
     def preflight(self) -> None:
         """Check the file exists and has the configured columns, reading only its header."""
         fmt = self.format
-        if not os.path.isfile(self.path):
+        try:
+            found = storage.is_file(self.path)
+        except OSError as error:  # a store that cannot be reached or refuses access
+            raise RecipeError(f"cannot reach the URL list {self.path}: {error}", path="source.path") from None
+        if not found:
             raise RecipeError(f"URL list not found: {self.path}", path="source.path")
         names = self._column_names(fmt)
         p = self.params
@@ -148,7 +155,7 @@ class UrlListSource(Source):
         """The number of input rows when known from metadata (Parquet), else None."""
         if self.format != "parquet":
             return None
-        with pq.ParquetFile(self.path) as parquet:
+        with storage.parquet_file(self.path) as parquet:
             return parquet.metadata.num_rows
 
     def iter_batches(self, batch_rows: int) -> Iterator[pa.Table]:
@@ -179,7 +186,7 @@ class UrlListSource(Source):
                 "license": p.license_column,
                 "extra": p.extra_columns,
             },
-            "size_bytes": os.path.getsize(self.path) if os.path.isfile(self.path) else None,
+            "size_bytes": storage.file_size(self.path) if storage.is_file(self.path) else None,
         }
 
     # -- reading -------------------------------------------------------------
@@ -188,7 +195,7 @@ class UrlListSource(Source):
         """The file's column names, from the Parquet schema, the CSV header or the first JSON object."""
         try:
             if fmt == "parquet":
-                with pq.ParquetFile(self.path) as parquet:
+                with storage.parquet_file(self.path) as parquet:
                     return parquet.schema_arrow.names
             if fmt == "jsonl":
                 return self._first_json_keys()
@@ -216,13 +223,16 @@ class UrlListSource(Source):
 
     def _open_text(self):
         """Open the JSON Lines file for reading bytes line by line, decompressing `.gz`."""
+        if storage.is_remote(self.path):
+            return storage.open_stream(self.path, decompress=True)
         if self.path.lower().endswith(".gz"):
             return gzip.open(self.path, "rb")
         return open(self.path, "rb")
 
     def _open_csv(self, fmt: str, column_types: dict[str, pa.DataType] | None, columns: list[str] | None):
+        remote = storage.is_remote(self.path)
         return pacsv.open_csv(
-            self.path,
+            storage.open_stream(self.path, decompress=True) if remote else self.path,
             read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
             parse_options=pacsv.ParseOptions(delimiter=_DELIMITERS[fmt], newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(column_types=column_types or {}, include_columns=columns or []),
@@ -244,19 +254,29 @@ class UrlListSource(Source):
         index = 0
         for batch in self._arrow_batches(fmt, batch_rows):
             for record in batch.to_pylist():
+                if fmt != "parquet":  # CSV/TSV cells are read as bytes; invalid UTF-8 becomes U+FFFD
+                    record = {name: _text(value) for name, value in record.items()}
                 yield _Row(index, record)
                 index += 1
 
     def _arrow_batches(self, fmt: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
         columns = self._wanted_columns()
         if fmt == "parquet":
-            with pq.ParquetFile(self.path) as parquet:
+            with storage.parquet_file(self.path) as parquet:
                 yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
             return
         names = self._column_names(fmt)
-        as_text = {name: pa.string() for name in names}
-        with self._open_csv(fmt, column_types=as_text, columns=columns) as reader:
-            yield from reader
+        as_bytes = {name: pa.binary() for name in names}  # decoded by _rows: text that is not UTF-8 is not fatal
+        with self._open_csv(fmt, column_types=as_bytes, columns=columns) as reader:
+            read = 0
+            try:
+                for batch in reader:
+                    yield batch
+                    read += batch.num_rows
+            except pa.ArrowInvalid as error:
+                raise RecipeError(f"cannot read {self.path} as {fmt} after row {read}: {error} (a row longer than "
+                                  f"{_CSV_BLOCK_BYTES >> 20} MiB cannot be read; JSON Lines has no such limit)",
+                                  path="source.path") from None
 
     def _json_rows(self) -> Iterator[_Row]:
         index = 0
