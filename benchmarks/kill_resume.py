@@ -123,10 +123,12 @@ def main() -> None:
             got = outcome(out) if state == "done" else None
             row = {
                 "trial": trial, "kills_at_s": kills, "reruns": runs, "completed": got is not None,
-                "same_keys": got is not None and got["keys"] == reference["keys"] and got["drops"] == reference["drops"],
+                "same_keys": (got is not None and got["keys"] == reference["keys"]
+                              and got["drops"] == reference["drops"]),
                 "same_shards": got is not None and got["shards"] == reference["shards"],
                 "same_drop_log": got is not None and got["drop_log"] == reference["drop_log"],
-                "rows_lost": None if got is None else reference["input_rows"] - len(set(got["keys"]) | set(got["drops"])),
+                "rows_lost": (None if got is None
+                              else reference["input_rows"] - len(set(got["keys"]) | set(got["drops"]))),
                 "duplicates": None if got is None else got["duplicates"],
                 "reconciled": got is not None and got["reconciled"],
             }

@@ -168,7 +168,8 @@ def test_top_fraction_keeps_exactly_numpys_corpus_wide_top(scored_web, ray_with_
     recipe = scored_web / "recipe.yaml"
     recipe.write_text(
         "source: {type: url_list, path: urls.parquet}\n"
-        "stages:\n  fetch: {allow_private_addresses: true, host_rate: null, backoff_base: 0.01}\n  basic_filter: {min_side: 32}\n"
+        "stages:\n  fetch: {allow_private_addresses: true, host_rate: null, backoff_base: 0.01}\n"
+        "  basic_filter: {min_side: 32}\n"
         "  hash_score: {}\n  top_fraction: {score: clip_score, fraction: 0.3}\n"
         "output: {path: out, formats: [parquet]}\nengine: {rows_per_work_shard: 1000}\n")
     output = scored_web / f"out-{shards}"

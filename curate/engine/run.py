@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import ray
 from rich.console import Console
 
-from curate import registry, schema
+from curate import registry, schema, storage
 from curate.engine import cluster
 from curate.engine.apply import StageStats
 from curate.engine.decision import decide, decision_paths
+from curate.engine.disk import check_free_disk
 from curate.engine.phases import PhaseSpec, run_phase
 from curate.engine.progress import phase_progress
 from curate.engine.split import INPUT_PHASE, SOURCE_STAGE, split_source
@@ -23,6 +25,9 @@ from curate.engine.write import SinkSpec, write_outputs
 from curate.files import RunLayout, atomic_path, read_json, write_json
 from curate.manifest.build import build_manifest
 from curate.recipe import LoadedRecipe
+from curate.redact import redact_drop_table
+from curate.roles.assign import ROLE_PHASE, RoleAssignment, RoleAssignmentParams
+from curate.roles.assign import TARGET as ROLE_TARGET
 from curate.stage import CorpusStage, RecipeError, Stage, StageContext, StageFailure, WeightsUnavailable
 
 
@@ -41,6 +46,7 @@ class Plan:
     sinks: list[SinkSpec]
     layout: RunLayout
     warnings: list[str]
+    storage_config: storage.StorageConfig = field(default_factory=storage.StorageConfig)  # endpoint, region
 
     def describe(self) -> dict[str, Any]:
         """What `--dry-run` prints: the plan, no work."""
@@ -64,6 +70,8 @@ def compile_plan(loaded: LoadedRecipe, require_weights: bool = True) -> Plan:
     where they become warnings of the plan.
     """
     recipe = loaded.recipe
+    storage_config = storage_settings(loaded)
+    storage.configure(storage_config)
     source_cls = registry.load(registry.SOURCES, loaded.source_type)
     source = source_cls(loaded.source_params, recipe_dir=str(loaded.directory))
     context = StageContext(recipe_dir=str(loaded.directory), on_sample_error=recipe.engine.on_sample_error)
@@ -103,9 +111,38 @@ def compile_plan(loaded: LoadedRecipe, require_weights: bool = True) -> Plan:
             input_phase = phases[-1].name if phases else INPUT_PHASE
             phases.append(PhaseSpec(stage.phase, input_phase, []))
         phases[-1].stages.append(spec)
+    if loaded.roles:
+        _append_role_step(loaded, context, stages, phases)
     sinks = [SinkSpec(name, registry.SINKS[name], params.model_dump(mode="json"))
              for name, params in loaded.sink_params.items()]
-    return Plan(loaded, source, phases, stages, sinks, layout, warnings)
+    return Plan(loaded, source, phases, stages, sinks, layout, warnings, storage_config=storage_config)
+
+
+def storage_settings(loaded: LoadedRecipe) -> storage.StorageConfig:
+    """The recipe's object-storage settings (else the environment's); paths carrying credentials are refused."""
+    recipe = loaded.recipe
+    paths = [("storage.endpoint_url", recipe.storage.endpoint_url), ("output.path", recipe.output.path),
+             ("source.path", getattr(loaded.source_params, "path", None))]
+    try:
+        for key, value in paths:
+            if isinstance(value, str) and (key == "storage.endpoint_url" or storage.is_remote(value)):
+                storage.check_no_credentials(value, key)
+        return storage.StorageConfig.from_settings(recipe.storage.endpoint_url, recipe.storage.region)
+    except ValueError as error:  # the message never repeats the value: it may hold a secret
+        raise RecipeError(str(error), file=str(loaded.file), path="storage") from None
+
+
+def _append_role_step(loaded: LoadedRecipe, context: StageContext, stages: list[Stage],
+                      phases: list[PhaseSpec]) -> None:
+    """Assign training roles as the last per-sample step: at the end of the last phase (after a corpus
+    stage's decision is applied, if that is the last), or in a phase of its own when there is no stage."""
+    params = RoleAssignmentParams(roles=loaded.roles, required=loaded.recipe.roles_required)
+    step = RoleAssignment(params, context)
+    if not phases:
+        phases.append(PhaseSpec(ROLE_PHASE, INPUT_PHASE, []))
+    step.phase = phases[-1].name
+    phases[-1].stages.append(StageSpec(step.name, ROLE_TARGET, params.model_dump(mode="json")))
+    stages.append(step)
 
 
 def check_output_folder(plan: Plan, overwrite: bool) -> str:
@@ -114,11 +151,14 @@ def check_output_folder(plan: Plan, overwrite: bool) -> str:
     Raises OutputConflict when it holds another recipe's work and `overwrite` is off.
     """
     layout, sha = plan.layout, plan.loaded.sha256()
+    if isinstance(layout.root, Path) and layout.root.exists() and not layout.root.is_dir():
+        raise OutputConflict("the output path is an existing file, not a folder; choose another output.path",
+                             path="output.path", file=str(layout.root))
     previous = None
     if layout.manifest.exists():
-        previous = read_json(layout.manifest).get("recipe", {}).get("sha256")
+        previous = _recorded_sha256(layout.manifest, "recipe", "sha256")
     elif layout.run_info.exists():
-        previous = read_json(layout.run_info).get("recipe_sha256")
+        previous = _recorded_sha256(layout.run_info, "recipe_sha256")
     elif layout.root.exists() and any(layout.root.iterdir()):
         if not overwrite:
             raise OutputConflict("the output folder exists and is not a curate output; choose another "
@@ -130,20 +170,53 @@ def check_output_folder(plan: Plan, overwrite: bool) -> str:
                                  "--overwrite", path="output.path", file=str(layout.root))
         previous = None
     if overwrite and previous is None and layout.root.exists():
-        shutil.rmtree(layout.root)
+        _refuse_to_delete_a_precious_folder(plan)
+        storage.remove_tree(layout.root)
     if previous == sha and layout.manifest.exists():
         return "complete"
     return "resume" if layout.run_info.exists() else "fresh"
 
 
+def _recorded_sha256(file: Any, *keys: str) -> str:
+    """The recipe sha256 a manifest or run.json records; a file that does not parse records "(unreadable)"."""
+    try:
+        value: Any = read_json(file)
+        for key in keys:
+            value = value.get(key, {})
+    except (ValueError, AttributeError):
+        return "(unreadable)"
+    return value if isinstance(value, str) else "(unreadable)"
+
+
+def _refuse_to_delete_a_precious_folder(plan: Plan) -> None:
+    """--overwrite never deletes a filesystem root, nor a folder holding the home or current folder, the recipe
+    or the input."""
+    root = plan.layout.root
+    if not isinstance(root, Path):
+        return
+    root = root.resolve()
+    precious = [Path.home(), Path.cwd(), plan.loaded.file]
+    source_path = getattr(plan.source, "path", None)
+    if isinstance(source_path, (str, os.PathLike)) and not storage.is_remote(source_path):
+        precious.append(Path(source_path))
+    for kept in [Path(root.anchor), *precious]:
+        kept = kept.resolve()
+        if kept == root or root in kept.parents:
+            raise OutputConflict(f"--overwrite would delete {root}, which is or holds {kept}; choose another "
+                                 "output.path", path="output.path", file=str(plan.loaded.file))
+
+
 def execute(plan: Plan, console: Console, address: str | None = None, verbose: bool = False,
             overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the plan to completion (resuming earlier work) and return the manifest."""
+    storage.configure(plan.storage_config)  # the driver's reads of plain URLs; workers get the same config
     state = check_output_folder(plan, overwrite)
     layout, recipe = plan.layout, plan.loaded.recipe
     if state == "complete":
         console.print(f"[green]already complete:[/] {layout.root} (same recipe; nothing to do)")
         return read_json(layout.manifest)
+    if recipe.engine.check_disk:  # before any work: refuse a run that clearly cannot fit on the output's disk
+        check_free_disk(plan, warn=lambda text: console.print(f"[bold yellow]warning:[/] {text}", highlight=False))
     started_at, started = time.time(), time.perf_counter()
     layout.work.mkdir(parents=True, exist_ok=True)
     write_json(layout.run_info, {"recipe_sha256": plan.loaded.sha256(), "recipe": str(plan.loaded.file)})
@@ -185,7 +258,7 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
 
         last_phase = plan.phases[-1].name if plan.phases else INPUT_PHASE
         final_files = [layout.shard_file(last_phase, s) for s in range(shards)]
-        total_out = sum(pq.ParquetFile(f).metadata.num_rows for f in final_files)
+        total_out = sum(storage.parquet_file(f).metadata.num_rows for f in final_files)
         task = bars.add_task("write", total=total_out)
         write_plan = cluster.plan_workers(resources, recipe.engine.workers, max(1, shards))
         phase_started = time.perf_counter()
@@ -209,7 +282,7 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
                            f"{layout.work / 'manifest.unreconciled.json'}")
     write_json(layout.manifest, manifest)
     if not recipe.engine.keep_work:
-        shutil.rmtree(layout.work, ignore_errors=True)
+        storage.remove_tree(layout.work, ignore_errors=True)
     return manifest
 
 
@@ -221,7 +294,7 @@ def _decide(phase: PhaseSpec, layout: RunLayout, shards: int, context: StageCont
                                         max_retries=2)  # a lost node: the decision is saved atomically
     try:
         return ray.get(remote.remote(phase.corpus.target, phase.corpus.params, context, files,
-                                     str(layout.phase_dir(phase.name))))
+                                     str(layout.phase_dir(phase.name)), storage.current_config()))
     except ray.exceptions.RayError as error:
         cause = getattr(error, "cause", error)
         raise StageFailure(f"phase {phase.name!r}, corpus decision: {type(cause).__name__}: {cause}") from None
@@ -242,7 +315,7 @@ def _phase_input_rows(layout: RunLayout, input_phase: str, shards: int,
                       markers_by_phase: dict[str, list[dict[str, Any]]]) -> int:
     if input_phase in markers_by_phase:
         return sum(m["rows_out"] for m in markers_by_phase[input_phase])
-    return sum(pq.ParquetFile(layout.shard_file(input_phase, s)).metadata.num_rows for s in range(shards))
+    return sum(storage.parquet_file(layout.shard_file(input_phase, s)).metadata.num_rows for s in range(shards))
 
 
 def _collect_stage_stats(source_stats: dict[str, Any], plan: Plan,
@@ -266,7 +339,8 @@ def write_drop_log(layout: RunLayout, phases: list[str], shards: int) -> int:
         with pq.ParquetWriter(temporary, schema.DROP_SCHEMA, compression="zstd") as writer:
             for shard in range(shards):
                 for phase in phases:
-                    table = pq.read_table(layout.drops_file(phase, shard)).cast(schema.DROP_SCHEMA)
+                    table = storage.read_table(layout.drops_file(phase, shard)).cast(schema.DROP_SCHEMA)
+                    table = redact_drop_table(table)  # no URL password, token or credential in the drop log
                     if table.num_rows:
                         writer.write_table(table)
                         rows += table.num_rows
