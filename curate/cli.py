@@ -1,4 +1,4 @@
-"""The `curate` command line: run, demo, inspect, verify, diff, recipes, publish."""
+"""The `curate` command line: run, demo, inspect, verify, diff, recipes, publish, export."""
 
 from __future__ import annotations
 
@@ -111,10 +111,15 @@ def inspect(
     manifest_path = resolve_manifest(path)
     if not manifest_path.is_file():
         _fail(f"no manifest at {manifest_path}")
+    from curate.manifest.validate import ManifestInvalid, validate_manifest
+
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
+        validate_manifest(manifest)  # a manifest edited by hand may miss what the summary reads
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         _fail(f"{manifest_path}: not valid JSON ({error})")
+    except ManifestInvalid as error:
+        _fail(f"{manifest_path}: {error}")
     render(manifest, console)
     if html is not None:
         from curate.report.html import write_report

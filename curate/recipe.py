@@ -19,12 +19,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from curate import registry
+from curate.roles.spec import ROLE_NAME, RoleSpec
 from curate.stage import Params, RecipeError
+from curate.storage import Location, is_remote, location
 
 # curate/_bundled/ links to the project's filters/ and pipelines/ folders (copied into wheels).
 BUNDLED = Path(__file__).resolve().parent / "_bundled"
 PRESET_DIRS = (BUNDLED / "filters",)
 PIPELINE_DIRS = (BUNDLED / "pipelines",)
+MAX_RECIPE_BYTES = 1 << 20  # a recipe or preset file; more is not a recipe
+MAX_RECIPE_NODES = 100_000  # values in one file once YAML aliases are expanded
 
 
 class OutputSpec(BaseModel):
@@ -56,11 +60,23 @@ class EngineSpec(BaseModel):
     # raise: any exception stops the run.
     on_sample_error: Literal["drop", "raise"] = "drop"
     keep_work: bool = False  # keep the work shards after a successful run
+    check_disk: bool = True  # refuse to start when the output's disk clearly lacks space (curate/engine/disk.py)
+
+
+class StorageSpec(BaseModel):
+    """How to reach object storage for s3:// paths (credentials come from the environment, never from here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: str | None = None  # an S3-compatible endpoint; default: AWS_ENDPOINT_URL, else AWS itself
+    region: str | None = None  # default: AWS_REGION / AWS_DEFAULT_REGION
+    # (an endpoint or path with credentials in it is refused when the plan is compiled, without echoing it)
 
 
 # Settings that change how a run executes but not what it produces: left out of the recipe hash,
 # so a run can be resumed with more workers, on a cluster, or from a moved output folder.
-EXECUTION_ONLY = {"output": ("path",), "engine": ("address", "workers", "keep_work")}
+EXECUTION_ONLY = {"output": ("path",), "engine": ("address", "workers", "keep_work", "check_disk"),
+                  "storage": ("endpoint_url", "region")}
 
 
 class Recipe(BaseModel):
@@ -75,13 +91,17 @@ class Recipe(BaseModel):
     stages: dict[str, dict[str, Any] | Literal[False] | None] = Field(default_factory=dict)
     output: OutputSpec
     engine: EngineSpec = EngineSpec()
+    storage: StorageSpec = StorageSpec()
+    # training roles: name -> {when, captions, resolution} (curate/roles/spec.py); `false` turns a role off
+    roles: dict[str, dict[str, Any] | Literal[False]] | None = Field(default_factory=dict)
+    roles_required: bool = False  # true: a sample that meets no role is dropped (`no_role`)
 
 
 class LoadedRecipe:
     """A recipe with its typed component parameters, where it came from and its hash."""
 
     def __init__(self, recipe: Recipe, file: Path, source_params: Params, stage_params: dict[str, Params],
-                 sink_params: dict[str, Params]):
+                 sink_params: dict[str, Params], roles: dict[str, RoleSpec] | None = None):
         self.recipe = recipe
         self.file = file
         self.directory = file.parent
@@ -89,6 +109,7 @@ class LoadedRecipe:
         self.source_params = source_params
         self.stage_params = stage_params
         self.sink_params = sink_params
+        self.roles: dict[str, RoleSpec] = roles or {}
 
     def resolved(self) -> dict[str, Any]:
         """The full recipe with every default filled in, as plain JSON data."""
@@ -97,6 +118,7 @@ class LoadedRecipe:
         data["stages"] = {name: p.model_dump(mode="json") for name, p in self.stage_params.items()}
         for name, params in self.sink_params.items():
             data["output"][name] = params.model_dump(mode="json")
+        data["roles"] = {name: spec.model_dump(mode="json") for name, spec in self.roles.items()}
         return data
 
     def sha256(self) -> str:
@@ -108,14 +130,19 @@ class LoadedRecipe:
         for section, keys in EXECUTION_ONLY.items():
             for key in keys:
                 identity[section].pop(key, None)
-        if isinstance(identity["source"].get("path"), str):
+            if not identity[section]:
+                del identity[section]  # a section of execution-only keys alone (storage) leaves no trace
+        if not identity["roles"] and not identity["roles_required"]:
+            del identity["roles"], identity["roles_required"]  # recipes without roles hash as before roles existed
+        if isinstance(identity["source"].get("path"), str) and not is_remote(identity["source"]["path"]):
             identity["source"]["path"] = str((self.directory / Path(identity["source"]["path"]).expanduser()).resolve())
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def output_path(self) -> Path:
-        """The output folder; a relative path is taken from the current directory."""
-        return Path(self.recipe.output.path).expanduser().resolve()
+    def output_path(self) -> Location:
+        """The output folder: a storage URL as given, or a local path (relative ones from the current directory)."""
+        where = location(self.recipe.output.path)
+        return where.resolve() if isinstance(where, Path) else where
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
@@ -151,18 +178,40 @@ def bundled_recipes() -> list[Path]:
 
 def _read_yaml(file: Path) -> dict[str, Any]:
     try:
+        size = file.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"the file has {size:,} bytes; a recipe or preset has at most {MAX_RECIPE_BYTES:,}",
+                              file=str(file))
         data = yaml.safe_load(file.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise RecipeError(f"{where}not valid YAML ({getattr(error, 'problem', error)})", file=str(file)) from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"not UTF-8 text (byte {error.start})", file=str(file)) from None
     except OSError as error:
         raise RecipeError(f"cannot read: {error.strerror}", file=str(file)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"expected a mapping at the top level, got {type(data).__name__}", file=str(file))
+    _check_node_count(data, file)
     return data
+
+
+def _check_node_count(data: Any, file: Path) -> None:
+    """Refuse YAML whose aliases expand to more than MAX_RECIPE_NODES values (an alias bomb, a cyclic alias)."""
+    pending, seen = [data], 0
+    while pending:
+        node = pending.pop()
+        seen += 1
+        if seen > MAX_RECIPE_NODES:
+            raise RecipeError(f"more than {MAX_RECIPE_NODES:,} values once YAML aliases (*name) are expanded",
+                              file=str(file))
+        if isinstance(node, dict):
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
 
 
 def _find_preset(name: str, including_file: Path) -> Path:
@@ -220,7 +269,8 @@ def _apply_override(data: dict[str, Any], override: str, file: Path) -> None:
     except yaml.YAMLError:
         value = raw_value
     keys = key_path.strip().split(".")
-    if keys[-1] == "path" and isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+    if (keys[-1] == "path" and isinstance(value, str) and value and not is_remote(value)
+            and not Path(value).expanduser().is_absolute()):
         value = str(Path(value).expanduser().resolve())  # paths given on the command line: from the cwd
     node = data
     for depth, key in enumerate(keys[:-1]):
@@ -267,7 +317,23 @@ def _validate(data: dict[str, Any], file: Path) -> LoadedRecipe:
                               path=f"output.formats.{index}")
         sink_cls = registry.load(registry.SINKS, name)
         sink_params[name] = _check(sink_cls.Params, sink_settings.get(name) or {}, file, prefix=f"output.{name}")
-    return LoadedRecipe(recipe, file, source_params, stage_params, sink_params)
+    return LoadedRecipe(recipe, file, source_params, stage_params, sink_params, _validate_roles(recipe, file))
+
+
+def _validate_roles(recipe: Recipe, file: Path) -> dict[str, RoleSpec]:
+    """Validate each role and compile its condition, so that a bad one fails at load time (and in a dry run)."""
+    from curate.roles.assign import compile_roles
+
+    roles: dict[str, RoleSpec] = {}
+    for name, spec in (recipe.roles or {}).items():
+        if spec is False:
+            continue
+        if not ROLE_NAME.match(name):
+            raise RecipeError("a role name starts with a letter and holds letters, digits, _ and - only",
+                              file=str(file), path=f"roles.{name}")
+        roles[name] = _check(RoleSpec, spec, file, prefix=f"roles.{name}")
+    compile_roles(roles, file=str(file))
+    return roles
 
 
 def _check(model: type[BaseModel], data: Any, file: Path, prefix: str) -> Any:
@@ -289,6 +355,7 @@ def _explain(error: dict[str, Any], model: type[BaseModel], prefix: str) -> str:
         return "required key is missing"
     got = error.get("input")
     shown = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
+    shown = shown if len(shown) <= 200 else shown[:200] + "..."  # a long value (or a secret) is not echoed whole
     message = error["msg"][0].lower() + error["msg"][1:]
     return f"{message}, got {shown}"
 

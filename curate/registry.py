@@ -43,6 +43,8 @@ STAGES: dict[str, str] = {
     "edit_checks": "curate.ops.edit_checks:EditChecks",
     "edit_direction": "curate.ops.edit_direction:EditDirection",
     "decontaminate": "curate.dedup.decontaminate:Decontaminate",
+    "caption_join": "curate.ops.caption_join:CaptionJoin",
+    "captioner": "curate.ops.captioner:Captioner",
 }
 
 SINKS: dict[str, str] = {

@@ -7,6 +7,7 @@ to the same shards. Credentials stay in the environment: never in a manifest or 
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -29,6 +30,7 @@ from curate.demo.web import build_synthetic_web, write_url_list
 from curate.engine.run import compile_plan, execute
 from curate.files import RunLayout, read_json, sha256_file, write_json
 from curate.recipe import load_recipe
+from curate.sources.url_list import UrlListParams, UrlListSource
 from curate.stage import RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,6 +137,26 @@ def test_a_store_object_appears_only_when_complete_and_never_half_written(store_
     with storage.atomic_output(target) as temporary:  # a re-written key is replaced whole
         temporary.write_bytes(b"new")
     assert target.read_bytes() == b"new"
+
+
+def test_url_lists_in_a_store_are_read_in_each_format(store_root):
+    rows = b"url,caption\nhttp://127.0.0.1/1.jpg,one\n,no url\n"
+    (store_root / "urls.csv.gz").write_bytes(gzip.compress(rows))
+    assert gzip.decompress((store_root / "urls.csv.gz").read_bytes()) == rows  # stored as given, not compressed again
+    (store_root / "urls.jsonl").write_bytes(b'{"url": "http://127.0.0.1/1.jpg", "caption": "one"}\nnot json\n')
+    with storage.atomic_output(store_root / "urls.parquet") as temporary:
+        pq.write_table(pa.table({"url": ["http://127.0.0.1/1.jpg", None], "caption": ["one", "two"]}), temporary)
+    for name, reason in (("urls.csv.gz", "missing_url"), ("urls.jsonl", "bad_input_row"),
+                         ("urls.parquet", "missing_url")):
+        source = UrlListSource(UrlListParams(path=str(store_root / name)), recipe_dir="/elsewhere")
+        source.preflight()
+        table = pa.concat_tables(source.iter_batches(10))
+        assert table.column("drop_reason").to_pylist() == [None, reason], name
+        assert table.column("captions").to_pylist()[0] == [{"name": "alt", "text": "one"}]
+        assert source.describe()["path"] == str(store_root / name)
+        assert source.describe()["size_bytes"] == (store_root / name).stat().st_size
+    with pytest.raises(RecipeError, match="not found"):
+        UrlListSource(UrlListParams(path=str(store_root / "missing.parquet"))).preflight()
 
 
 @pytest.mark.parametrize("url", ["s3://AKIAKEY:" + SECRET + "@corpus/out", "s3://corpus/out?secret=" + SECRET])

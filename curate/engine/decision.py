@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from curate import registry
+from curate import registry, storage
 from curate.files import read_json, write_json, write_table
 from curate.stage import Params, Stage, StageContext, with_drops
 
@@ -22,17 +20,20 @@ DECISION_SCHEMA = pa.schema(
 )
 
 
-def decision_paths(phase_dir: Path) -> tuple[Path, Path]:
+def decision_paths(phase_dir: storage.Location) -> tuple[storage.Location, storage.Location]:
     """Where a corpus phase keeps its decision (drops) and its summary."""
     return phase_dir / "decision.parquet", phase_dir / "decision.json"
 
 
-def decide(target: str, params: dict[str, Any], context: StageContext, files: list[str], phase_dir: str) -> dict:
+def decide(target: str, params: dict[str, Any], context: StageContext, files: list[str], phase_dir: str,
+           storage_config: storage.StorageConfig | None = None) -> dict:
     """Run a corpus stage's `decide` over the given columns of all `files`; save and return its summary.
 
-    Runs as a Ray task. Saved atomically, so a resumed run reuses the decision.
+    Runs as a Ray task. Saved atomically, so a resumed run reuses the decision. `storage_config`
+    (the driver's) lets this process open the same store when the paths are URLs.
     """
-    decision_file, summary_file = decision_paths(Path(phase_dir))
+    storage.configure(storage_config)
+    decision_file, summary_file = decision_paths(storage.location(phase_dir))
     if summary_file.exists():
         return read_json(summary_file)
     cls = registry.import_target(target)
@@ -74,7 +75,7 @@ class ApplyDecision(Stage):
         self.name = params.stage_name  # counted under the corpus stage's own name
 
     def setup(self) -> None:
-        table = pq.read_table(self.params.decision)
+        table = storage.read_table(self.params.decision)
         self._decided = {row["key"]: row for row in table.to_pylist()}
 
     def process(self, batch: pa.Table) -> pa.Table:

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import ray
 
+from curate import storage
 from curate.engine.cluster import WorkerPlan
 from curate.engine.crash import crash_if_asked
 from curate.engine.worker import PhaseWorker, StageSpec
@@ -51,10 +52,11 @@ def run_phase(
             memory=plan.memory_per_worker or None,
             max_restarts=0,
         )
-        pool = _WorkerPool(lambda: remote_worker.remote(spec.stages, context, batch_rows),
+        config = storage.current_config()
+        pool = _WorkerPool(lambda: remote_worker.remote(spec.stages, context, batch_rows, config),
                            min(plan.workers, len(pending)))
 
-        def submit(actor, shard):
+        def submit(actor, shard):  # paths as strings: local paths, or URLs of the configured store
             return actor.run.remote(
                 spec.name,
                 shard,

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 
-from curate import schema
+from curate import schema, storage
 from curate.engine.apply import StageStats, split_drops
 from curate.files import RunLayout, read_json, write_json, write_table
+from curate.redact import redact_sample_urls
 from curate.sources.base import Source
 
 INPUT_PHASE = "input"
@@ -48,6 +48,7 @@ def split_source(source: Source, layout: RunLayout, rows_per_shard: int) -> dict
     shards = 0
     read_rows = max(1, min(rows_per_shard, 8192))
     for shard, table in enumerate(_rechunk(source.iter_batches(read_rows), rows_per_shard)):
+        table = redact_sample_urls(table)  # a URL's password never reaches work shards, shards or drop logs
         kept, drops = split_drops(table, SOURCE_STAGE)
         write_table(layout.shard_file(INPUT_PHASE, shard), kept)
         write_table(layout.drops_file(INPUT_PHASE, shard), drops)
@@ -65,6 +66,6 @@ def split_source(source: Source, layout: RunLayout, rows_per_shard: int) -> dict
     return summary
 
 
-def input_shards(layout: RunLayout) -> list[Path]:
+def input_shards(layout: RunLayout) -> list[storage.Location]:
     """The work shard files of the split, in order."""
     return sorted(layout.phase_dir(INPUT_PHASE).glob("[0-9]*[0-9].parquet"))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate import registry, schema
+from curate import registry, schema, storage
 from curate.engine.apply import StageStats, apply_stages
 from curate.files import atomic_path, write_json, write_table
 from curate.stage import Stage, StageContext, StageFailure
@@ -42,7 +41,9 @@ class PhaseWorker:
     stage statistics), each atomically.
     """
 
-    def __init__(self, specs: list[StageSpec], context: StageContext, batch_rows: int):
+    def __init__(self, specs: list[StageSpec], context: StageContext, batch_rows: int,
+                 storage_config: storage.StorageConfig | None = None):
+        storage.configure(storage_config)  # the driver's store settings, so URLs open the same store here
         self.stages = build_stages(specs, context)
         self.batch_rows = batch_rows
         self.on_sample_error = context.on_sample_error
@@ -57,9 +58,10 @@ class PhaseWorker:
         drop_tables: list[pa.Table] = []
         rows_in = rows_out = 0
         try:
-            with atomic_path(Path(output_path)) as temporary:
+            with atomic_path(storage.location(output_path)) as temporary:
                 with pq.ParquetWriter(temporary, schema.SAMPLE_SCHEMA, compression="zstd") as writer:
-                    for record_batch in pq.ParquetFile(input_path).iter_batches(batch_size=self.batch_rows):
+                    source = storage.parquet_file(input_path)
+                    for record_batch in source.iter_batches(batch_size=self.batch_rows):
                         batch = pa.Table.from_batches([record_batch])
                         rows_in += batch.num_rows
                         kept, drops = apply_stages(self.stages, batch, stats, self.on_sample_error)
@@ -69,7 +71,7 @@ class PhaseWorker:
         except Exception as error:  # a stage-level failure: stop the run, naming the shard
             raise StageFailure(f"phase {phase!r}, work shard {shard:05d}: {type(error).__name__}: {error}") from error
         drops = pa.concat_tables(drop_tables) if drop_tables else schema.empty_table(schema.DROP_SCHEMA)
-        write_table(Path(drops_path), drops)
+        write_table(storage.location(drops_path), drops)
         marker = {
             "phase": phase,
             "shard": shard,
@@ -80,7 +82,7 @@ class PhaseWorker:
             "stages": {name: entry.to_json() for name, entry in stats.items()},
             "models": [info for stage in self.stages for info in stage.model_info()],
         }
-        write_json(Path(marker_path), marker)
+        write_json(storage.location(marker_path), marker)
         return marker
 
     def shutdown(self) -> None:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
-from curate import registry
+from curate import registry, storage
 from curate.engine.crash import crash_if_asked
 from curate.files import RunLayout, atomic_path, read_json, sha256_file, write_json
 from curate.stage import StageFailure
@@ -46,9 +44,9 @@ class OutputShard:
     rows: int
 
 
-def row_image_bytes(path: Path) -> list[int]:
+def row_image_bytes(path: storage.Location) -> list[int]:
     """Per-row total of encoded image bytes in a work shard (reads only `image_meta`)."""
-    table = pq.read_table(path, columns=["image_meta"])
+    table = storage.read_table(path, columns=["image_meta"])
     if table.num_rows == 0:
         return []
     flat = pc.list_flatten(table.column("image_meta"))
@@ -61,7 +59,8 @@ def row_image_bytes(path: Path) -> list[int]:
     return totals
 
 
-def plan_output_shards(files: list[Path], shard_rows: int | None, shard_bytes: int | None) -> list[OutputShard]:
+def plan_output_shards(files: list[storage.Location], shard_rows: int | None,
+                       shard_bytes: int | None) -> list[OutputShard]:
     """Cut the rows of `files`, in order, into shards of at most `shard_rows` rows / about `shard_bytes` bytes.
 
     Deterministic: the same work shards always give the same output shards.
@@ -85,7 +84,7 @@ def plan_output_shards(files: list[Path], shard_rows: int | None, shard_bytes: i
                 segments.append(Segment(str(file), start, position + 1))
                 start = position + 1
                 close()
-        end = pq.ParquetFile(file).metadata.num_rows
+        end = storage.parquet_file(file).metadata.num_rows
         if end > start:
             segments.append(Segment(str(file), start, end))
     close()
@@ -102,7 +101,7 @@ def _without_embeddings(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
 
 def _segment_tables(segments: list[Segment], batch_rows: int = 256) -> Iterator[pa.Table]:
     for segment in segments:
-        parquet = pq.ParquetFile(segment.file)
+        parquet = storage.parquet_file(segment.file)
         position = 0
         for record_batch in parquet.iter_batches(batch_size=batch_rows):
             batch_start, batch_stop = position, position + record_batch.num_rows
@@ -115,10 +114,15 @@ def _segment_tables(segments: list[Segment], batch_rows: int = 256) -> Iterator[
 
 
 def write_output_shard(
-    shard: OutputShard, sinks: list[SinkSpec], root: str, keep_embeddings: bool = False
+    shard: OutputShard, sinks: list[SinkSpec], root: str, keep_embeddings: bool = False,
+    storage_config: storage.StorageConfig | None = None,
 ) -> dict[str, Any]:
-    """Write `shard` with every sink (atomically), then its marker; return the marker."""
-    layout = RunLayout(Path(root))
+    """Write `shard` with every sink (atomically), then its marker; return the marker.
+
+    Size and sha256 are taken from the complete file before it is moved (or uploaded) into place.
+    """
+    storage.configure(storage_config)  # the driver's store settings, so URLs open the same store here
+    layout = RunLayout(root)
     files = []
     for spec in sinks:
         cls = registry.import_target(spec.target)
@@ -128,15 +132,16 @@ def write_output_shard(
         with atomic_path(final) as temporary:
             tables = _segment_tables(shard.segments)
             written = sink.write(tables if keep_embeddings else _without_embeddings(tables), str(temporary))
-        if written != shard.rows:
-            raise RuntimeError(f"{name} sink wrote {written} rows to {final.name}, expected {shard.rows}")
+            if written != shard.rows:
+                raise RuntimeError(f"{name} sink wrote {written} rows to {final.name}, expected {shard.rows}")
+            size, digest = temporary.stat().st_size, sha256_file(temporary)
         files.append(
             {
                 "format": name,
                 "path": str(final.relative_to(layout.root)),
                 "rows": written,
-                "bytes": final.stat().st_size,
-                "sha256": sha256_file(final),
+                "bytes": size,
+                "sha256": digest,
             }
         )
     marker = {"index": shard.index, "rows": shard.rows, "files": files}
@@ -146,7 +151,7 @@ def write_output_shard(
 
 def write_outputs(
     layout: RunLayout,
-    files: list[Path],
+    files: list[storage.Location],
     sinks: list[SinkSpec],
     shard_rows: int | None,
     shard_bytes: int | None,
@@ -175,7 +180,8 @@ def write_outputs(
     while waiting or in_flight:
         while waiting and len(in_flight) < max_in_flight:
             shard = waiting.pop(0)
-            in_flight[remote_write.remote(shard, sinks, str(layout.root), keep_embeddings)] = shard
+            in_flight[remote_write.remote(shard, sinks, str(layout.root), keep_embeddings,
+                                          storage.current_config())] = shard
         done, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in done:
             try:

@@ -31,9 +31,10 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from curate.fetch.config import EncodeParams, ResizeParams
+from curate.fetch.icc import to_srgb
 
 # Formats a web image can reasonably be in; anything else (EPS, PDF, PSD, ...) is
 # refused without being parsed. HEIF counts only when a plugin registered it.
@@ -264,21 +265,11 @@ def _base_mode(im: Image.Image) -> Image.Image:
 
 
 def _to_srgb(im: Image.Image) -> Image.Image:
-    """Convert through the embedded ICC profile to sRGB; unchanged if absent or unusable."""
+    """Convert through the embedded ICC profile to sRGB (see curate.fetch.icc); unchanged if absent or unusable."""
     profile = im.info.get("icc_profile")
     if not profile:
         return im
-    try:
-        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-        return ImageCms.profileToProfile(
-            im, source, _srgb_profile(), outputMode="RGBA" if im.mode == "RGBA" else "RGB"
-        )
-    except Exception:  # noqa: BLE001 - a broken or mismatched profile keeps the raw values
-        return im
-
-
-def _srgb_profile() -> ImageCms.ImageCmsProfile:
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    return to_srgb(im, profile, "RGBA" if im.mode == "RGBA" else "RGB")
 
 
 def _resize(im: Image.Image, original: tuple[int, int], resize: ResizeParams) -> Image.Image:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from curate import registry
+from curate import registry, storage
 from curate.files import read_json, sha256_file
 from curate.manifest.validate import ManifestInvalid, validate_manifest
 
@@ -25,16 +23,29 @@ class VerifyReport:
         return not self.problems
 
 
-def resolve_manifest(path: str | Path) -> Path:
-    """Accept an output folder or a manifest.json path; return the manifest path."""
-    path = Path(path)
+def resolve_manifest(path: str | Path | storage.StoragePath) -> storage.Location:
+    """Accept an output folder or a manifest.json path (local, or a store URL); return the manifest path."""
+    path = storage.location(path)
     return path / "manifest.json" if path.is_dir() else path
 
 
-def verify_output(path: str | Path) -> VerifyReport:
-    """Recompute sha256 and row counts of every output shard and the drop log against the manifest."""
-    manifest_path = resolve_manifest(path)
+def verify_output(path: str | Path | storage.StoragePath) -> VerifyReport:
+    """Recompute sha256 and row counts of every output shard and the drop log against the manifest.
+
+    A shard in a store is read once, into a local scratch copy that is hashed and counted.
+    """
     report = VerifyReport()
+    try:
+        return _verify(resolve_manifest(path), report)
+    except OSError as error:  # a store that cannot be reached, or a file that cannot be read
+        report.problems.append(f"cannot read {path}: {error}")
+        return report
+    except ValueError as error:  # a manifest edited into something that is not JSON
+        report.problems.append(f"the manifest is not valid JSON: {error}")
+        return report
+
+
+def _verify(manifest_path: storage.Location, report: VerifyReport) -> VerifyReport:
     if not manifest_path.is_file():
         report.problems.append(f"no manifest at {manifest_path}")
         return report
@@ -47,20 +58,25 @@ def verify_output(path: str | Path) -> VerifyReport:
     root = manifest_path.parent
     sinks = {}
     for entry in manifest["outputs"]["shards"]:
-        file = root / entry["path"]
         report.checked_files += 1
+        if _outside(entry["path"]):
+            report.problems.append(f"shard path {entry['path']!r} points outside the output folder")
+            continue
+        file = root / entry["path"]
         if not file.is_file():
             report.problems.append(f"missing shard {entry['path']}")
             continue
         if file.stat().st_size != entry["bytes"]:
             report.problems.append(f"{entry['path']}: {file.stat().st_size} bytes, manifest says {entry['bytes']}")
-        digest = sha256_file(file)
-        if digest != entry["sha256"]:
-            report.problems.append(f"{entry['path']}: sha256 {digest[:12]}…, manifest says {entry['sha256'][:12]}…")
         if entry["format"] not in sinks:
             cls = registry.load(registry.SINKS, entry["format"])
             sinks[entry["format"]] = cls(cls.Params())
-        rows = sinks[entry["format"]].count_rows(str(file))
+        with storage.local_copy(file) as local:
+            digest = sha256_file(local)
+            if digest != entry["sha256"]:
+                report.problems.append(
+                    f"{entry['path']}: sha256 {digest[:12]}…, manifest says {entry['sha256'][:12]}…")
+            rows = sinks[entry["format"]].count_rows(str(local))
         report.checked_rows += rows
         if rows != entry["rows"]:
             report.problems.append(f"{entry['path']}: {rows} rows, manifest says {entry['rows']}")
@@ -69,18 +85,26 @@ def verify_output(path: str | Path) -> VerifyReport:
     return report
 
 
-def _verify_drop_log(root: Path, manifest: dict, report: VerifyReport) -> None:
+def _verify_drop_log(root: storage.Location, manifest: dict, report: VerifyReport) -> None:
     drop_log = manifest["drop_log"]
-    file = root / drop_log["path"]
     report.checked_files += 1
+    if _outside(drop_log["path"]):
+        report.problems.append(f"drop log path {drop_log['path']!r} points outside the output folder")
+        return
+    file = root / drop_log["path"]
     if not file.is_file():
         report.problems.append(f"missing drop log {drop_log['path']}")
         return
     if sha256_file(file) != drop_log["sha256"]:
         report.problems.append(f"{drop_log['path']}: sha256 differs from the manifest")
-    rows = pq.ParquetFile(file).metadata.num_rows
+    rows = storage.parquet_file(file).metadata.num_rows
     if rows != drop_log["rows"]:
         report.problems.append(f"{drop_log['path']}: {rows} rows, manifest says {drop_log['rows']}")
+
+
+def _outside(relative: str) -> bool:
+    """True for a manifest path that would leave the output folder (absolute, or with a `..` part)."""
+    return relative.startswith(("/", "\\")) or ".." in relative.replace("\\", "/").split("/")
 
 
 def _verify_totals(manifest: dict, report: VerifyReport) -> None:
