@@ -162,12 +162,10 @@ class CorpusStage(Stage):
         whose columns do not fit one process (embeddings of a large corpus) overrides this
         and spreads the work over Ray tasks, using `work_dir` for intermediate files.
         """
-        import pyarrow.parquet as pq
-
-        from curate import schema
+        from curate import schema, storage
 
         columns = list(dict.fromkeys(("key", *self.columns)))
-        tables = [pq.read_table(f, columns=columns) for f in files]
+        tables = [storage.read_table(f, columns=columns) for f in files]
         empty = pa.schema([schema.SAMPLE_SCHEMA.field(c) for c in columns]).empty_table()
         table = pa.concat_tables(tables) if tables else empty
         drops, summary = self.decide(table)

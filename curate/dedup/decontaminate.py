@@ -30,9 +30,9 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
+from curate import storage
 from curate.dedup.eval_sets import EvalItem, EvalSetSpec, iter_items, open_image, resolve
 from curate.dedup.search import phash_codes
 from curate.fetch.config import EncodeParams, ResizeParams
@@ -167,7 +167,7 @@ class Decontaminate(CorpusStage):
         matches: list[tuple[str, int, str, str]] = []
         rows = 0
         for path in files:
-            table = pq.read_table(path, columns=list(self.columns))
+            table = storage.read_table(path, columns=list(self.columns))
             rows += table.num_rows
             matches.extend(self._match(table, index))
         summary = self._summary(index, matches)

@@ -21,13 +21,15 @@ time (benchmarks/dedup.py measures the pair recall against exact brute force).
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow.parquet as pq
+
+from curate import storage
 
 SAMPLE_PER_CLUSTER = 64  # k-means training points per centroid
 KEY_SPACE = 16 ** 8  # keys are hex digests; the first 8 digits choose the training sample
@@ -68,7 +70,7 @@ def normalized_embeddings(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """(keys, float32 unit vectors of the rows that have one, their row indices, models) of one work shard."""
     from curate.dedup.semantic import image_embeddings
 
-    table = pq.read_table(path, columns=["key", "embeddings"])
+    table = storage.read_table(path, columns=["key", "embeddings"])
     vectors, judged, models = image_embeddings(table)
     keys = np.asarray(table.column("key").to_pylist(), dtype=object)
     rows = np.flatnonzero(judged)
@@ -115,17 +117,18 @@ def assign_shard(path: str, offset: int, centroids: np.ndarray, plan: PartitionP
     for group in range(plan.groups):
         members = np.flatnonzero(home % plan.groups == group)
         query_rows, query_slots = np.nonzero(nearest % plan.groups == group)
-        target = Path(out_dir) / f"shard{shard:05d}-group{group:04d}.npz"
-        np.savez(target, member_ids=ids[members], member_clusters=home[members],
-                 member_vectors=vectors[members].astype(np.float32),
-                 query_ids=ids[query_rows], query_clusters=nearest[query_rows, query_slots],
-                 query_vectors=vectors[query_rows].astype(np.float32))
+        with storage.atomic_output(f"{out_dir}/shard{shard:05d}-group{group:04d}.npz") as target, \
+                open(target, "wb") as out:
+            np.savez(out, member_ids=ids[members], member_clusters=home[members],
+                     member_vectors=vectors[members].astype(np.float32),
+                     query_ids=ids[query_rows], query_clusters=nearest[query_rows, query_slots],
+                     query_vectors=vectors[query_rows].astype(np.float32))
     return shard, rows, models
 
 
 def search_group(files: list[str], threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i < j, global ids) with cosine >= `threshold` among one group's clusters: (i, j, cosine)."""
-    parts = [np.load(f) for f in files]
+    parts = [_load_npz(f) for f in files]
 
     def stacked(name: str, dtype) -> np.ndarray:
         arrays = [p[name] for p in parts]
@@ -171,7 +174,7 @@ def partitioned_pairs(files: list[str], threshold: float, cluster_rows: int, pro
     """
     import ray
 
-    counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    counts = [storage.parquet_file(f).metadata.num_rows for f in files]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     rows = int(offsets[-1])
     dim = _dimension(files)
@@ -188,17 +191,18 @@ def partitioned_pairs(files: list[str], threshold: float, cluster_rows: int, pro
     del keys, vectors
     plan = PartitionPlan(rows=rows, clusters=len(centroids), probe=min(plan.probe, len(centroids)),
                          groups=min(plan.groups, len(centroids)), seed=plan.seed)
-    shuffle = Path(work_dir) / "partitions"
-    shuffle.mkdir(parents=True, exist_ok=True)
+    shuffle = f"{str(work_dir).rstrip('/')}/partitions"
+    if not storage.is_remote(shuffle):
+        Path(shuffle).mkdir(parents=True, exist_ok=True)
     centroids_ref = ray.put(centroids)
     assign_task = ray.remote(assign_shard).options(num_cpus=1, max_retries=2)
-    assigned = ray.get([assign_task.remote(f, int(offsets[s]), centroids_ref, plan, str(shuffle), s)
+    assigned = ray.get([assign_task.remote(f, int(offsets[s]), centroids_ref, plan, shuffle, s)
                         for s, f in enumerate(files)])
     judged = [rows_ for _, rows_, _ in sorted(assigned, key=lambda item: item[0])]
     models = sorted({m for _, _, names in assigned for m in names})
     search_task = ray.remote(search_group).options(num_cpus=1, max_retries=2)
     found = ray.get([
-        search_task.remote([str(shuffle / f"shard{s:05d}-group{g:04d}.npz") for s in range(len(files))], threshold)
+        search_task.remote([f"{shuffle}/shard{s:05d}-group{g:04d}.npz" for s in range(len(files))], threshold)
         for g in range(plan.groups)
     ])
     i = np.concatenate([f[0] for f in found])
@@ -214,7 +218,7 @@ def _dimension(files: list[str]) -> int:
     import pyarrow.compute as pc
 
     for f in files:
-        table = pq.read_table(f, columns=["embeddings"])
+        table = storage.read_table(f, columns=["embeddings"])
         if table.num_rows == 0:
             continue
         lengths = pc.list_value_length(pc.struct_field(table.column("embeddings").combine_chunks(), "image"))
@@ -222,3 +226,10 @@ def _dimension(files: list[str]) -> int:
         if present:
             return int(present)
     return 0
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz written by assign_shard, from the local disk or the store."""
+    with storage.open_input(path) as source:
+        with np.load(io.BytesIO(source.read())) as data:
+            return {name: data[name] for name in data.files}

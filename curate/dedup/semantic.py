@@ -19,16 +19,14 @@ Rows without an image embedding are not judged.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
+from curate import storage
 from curate.dedup.common import decide_duplicates
 from curate.dedup.partitioned import partitioned_pairs
 from curate.dedup.search import float_pairs
@@ -95,7 +93,7 @@ class DedupSemantic(CorpusStage):
 
     def decide_files(self, files: list[str], work_dir: str) -> tuple[pa.Table, dict, int]:
         """Small corpora: one process (see `decide`). Large ones: k-means partitions searched by Ray tasks."""
-        counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        counts = [storage.parquet_file(f).metadata.num_rows for f in files]
         rows = sum(counts)
         if rows <= self.params.partition_above:
             return super().decide_files(files, work_dir)
@@ -103,10 +101,11 @@ class DedupSemantic(CorpusStage):
 
         params = self.params
         parallelism = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        partitions = Path(work_dir) / "semantic"
+        partitions = f"{str(work_dir).rstrip('/')}/semantic"
         i, j, cosine, judged_rows, models, index = partitioned_pairs(files, params.threshold, params.cluster_rows,
-                                                             params.probe, str(partitions), parallelism)
-        table = pa.concat_tables([pq.read_table(f, columns=["key", "image_meta", "scores", "meta"]) for f in files])
+                                                             params.probe, partitions, parallelism)
+        columns = ["key", "image_meta", "scores", "meta"]
+        table = pa.concat_tables([storage.read_table(f, columns=columns) for f in files])
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         judged = np.zeros(rows, dtype=bool)
         for shard, judged_in_shard in enumerate(judged_rows):
@@ -119,5 +118,5 @@ class DedupSemantic(CorpusStage):
 
         drops, summary = decide_duplicates("semantic", table, judged, params.policy, find_edges,
                                            {"threshold": f"cosine >= {params.threshold}", "models": models})
-        shutil.rmtree(partitions, ignore_errors=True)
+        storage.remove_tree(partitions, ignore_errors=True)
         return drops, summary, rows

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +37,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from curate.fetch.config import EncodeParams, ResizeParams
 from curate.fetch.icc import to_srgb
+from curate.fetch.malloc import limit_heap_retention
 
 # Formats a web image can reasonably be in; anything else (EPS, PDF, PSD, ...) is
 # refused without being parsed. HEIF counts only when a plugin registered it.
@@ -42,6 +45,11 @@ READ_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "AVIF", "HEIF", "BMP", "DIB
 HIGH_BIT_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 WHITE = (255, 255, 255)
+
+
+# Decoding is CPU-bound and releases the GIL: more images at once than cores only adds decoded
+# buffers in memory, not speed. Callers may call process_image from any number of threads.
+_DECODE_SLOTS = threading.BoundedSemaphore(max(1, len(os.sched_getaffinity(0))))
 
 
 class ImageError(Exception):
@@ -75,10 +83,14 @@ def process_image(data: bytes, resize: ResizeParams, encode: EncodeParams, max_p
     """Decode `data`, make it an upright sRGB RGB image, resize it and encode it.
 
     Only the first frame of an animation is used. Raises ImageError (and nothing
-    else) when the data is not a usable image.
+    else) when the data is not a usable image. Thread-safe; at most one call per CPU
+    runs at a time in a process, the others wait (holding only their compressed bytes).
+    The first call fixes glibc's mmap threshold for the process (curate.fetch.malloc).
     """
+    limit_heap_retention()
     try:
-        return _process(data, resize, encode, max_pixels)
+        with _DECODE_SLOTS:
+            return _process(data, resize, encode, max_pixels)
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a drop reason
