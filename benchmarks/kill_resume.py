@@ -111,7 +111,8 @@ def main() -> None:
             kills, runs = [], 0
             delay = rng.uniform(0.5, seconds)
             state, _ = run(urls, out, delay, env)
-            kills.append(round(delay, 2))
+            if state == "killed":  # a run may finish before its kill time
+                kills.append(round(delay, 2))
             while state != "done":
                 if state == "failed":
                     break
