@@ -106,6 +106,9 @@ class TreeSampler(threading.Thread):
         self.labels: dict[tuple[int, int], str] = {}  # (pid, start) -> what the process is
         self.peak_rss = self.peak_pss = self.peak_procs = 0
         self.last_rss = self.last_pss = 0
+        self.peak_rss_by_label: dict[str, int] = {}  # label -> peak of the summed RSS of its processes
+        self.pss_at_peak: dict[str, int] = {}  # label -> summed PSS of its processes when the tree's PSS peaked
+        self.peak_pss_at = 0.0  # seconds after the start
         self.samples = 0
         self.timeline: list[tuple[float, int]] = []
         self._halt = threading.Event()
@@ -142,21 +145,31 @@ class TreeSampler(threading.Thread):
             tree.add(pid)
             todo.extend(children.get(pid, ()))
         rss = 0
+        by_label: collections.Counter = collections.Counter()
         for pid in tree:
             key = (pid, stats[pid][1])
             self.tracked[key] = stats[pid][2]
             label = process_label(pid)  # re-read: Ray workers retitle themselves after start
             if label != "?" or key not in self.labels:
                 self.labels[key] = label
-            rss += rss_bytes(pid)
+            resident = rss_bytes(pid)
+            rss += resident
+            by_label[self.labels[key]] += resident
+        for label, resident in by_label.items():
+            self.peak_rss_by_label[label] = max(self.peak_rss_by_label.get(label, 0), resident)
         self.samples += 1
         self.last_rss = rss
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_procs = max(self.peak_procs, len(tree))
         self.timeline.append((round(time.perf_counter() - self._t0, 2), rss))
-        if self.samples % self.pss_every == 1:
-            self.last_pss = sum(pss_bytes(pid) for pid in tree)
-            self.peak_pss = max(self.peak_pss, self.last_pss)
+        if (self.samples - 1) % self.pss_every == 0:
+            pss_by_label: collections.Counter = collections.Counter()
+            for pid in tree:
+                pss_by_label[self.labels[(pid, stats[pid][1])]] += pss_bytes(pid)
+            self.last_pss = sum(pss_by_label.values())
+            if self.last_pss > self.peak_pss:
+                self.peak_pss, self.pss_at_peak = self.last_pss, dict(pss_by_label)
+                self.peak_pss_at = round(time.perf_counter() - self._t0, 1)
 
     def alive(self) -> list[int]:
         """The tracked processes that still run."""
@@ -220,6 +233,11 @@ def run_measured(name: str, command: list[str], env: dict[str, str], log: Path, 
         "peak_rss_mib": round(sampler.peak_rss / 2**20, 1), "peak_pss_mib": round(sampler.peak_pss / 2**20, 1),
         "peak_processes": sampler.peak_procs, "cpu_s": round(sampler.cpu_seconds(), 1),
         "cpu_s_by_process": sampler.cpu_by_label(), "machine_cpu_s": round(machine_cpu, 1),
+        "peak_rss_mib_by_process": {label: round(value / 2**20) for label, value in
+                                    sorted(sampler.peak_rss_by_label.items(), key=lambda item: -item[1])},
+        "pss_mib_by_process_at_peak": {label: round(value / 2**20) for label, value in
+                                       sorted(sampler.pss_at_peak.items(), key=lambda item: -item[1])},
+        "peak_pss_at_s": sampler.peak_pss_at,
         "bench_cpu_s": round(own_cpu, 1),
         "samples": sampler.samples, "load_before": load_before, "load_after": loadavg(), "log": str(log),
     }

@@ -35,6 +35,11 @@ about 160 KB each) repeated, with their captions (`--images coco`, default), or
 scenes drawn by curate.demo.web at 256-640 px, JPEG quality 85-95
 (`--images synthetic`).
 
+It also measures the safety stages (`--safety-images`, default 128; 0 skips them):
+images/s of `process()` for nsfw (NudeNet on onnxruntime, 2 threads), watermark (the
+tiny head reusing stored curate-tiny embeddings, and embedding the images itself) and
+faces (Haar cascade detection, and detection + blurring + re-encoding).
+
 Since other processes may share the machine, every measurement records the CPU
 cores this process used and the cores used by everything else meanwhile (from
 /proc/stat; Linux only); it first waits for the machine to be quiet, and is redone
@@ -42,6 +47,7 @@ cores this process used and the cores used by everything else meanwhile (from
 are the best of `--repeat` rounds.
 
     .venv/bin/python benchmarks/model_pass.py                 # about 4 minutes on 2 cores when quiet
+    .venv/bin/python benchmarks/model_pass.py --models "" --safety-images 256   # the safety stages only
     .venv/bin/python benchmarks/model_pass.py --models tiny --tiny-images 2048
     .venv/bin/python benchmarks/model_pass.py --settings 2x2,1x2,2x1,1x1 --repeat 2 --json out.json
 """
@@ -314,6 +320,50 @@ def curate_stage(spec, tables: list[pa.Table], decode_threads: int,
     return result, split.result(), scores
 
 
+# --------------------------------------------------------------------------- safety stages
+
+def safety_stages(samples: list[tuple[bytes, str]], batch_rows: int) -> list[dict]:
+    """images/s of each safety stage's process() on the samples, as a worker with 2 threads runs it.
+
+    watermark runs twice: reusing stored curate-tiny embeddings (as after clip_score) and
+    embedding the images itself; faces runs once detecting only and once blurring.
+    """
+    from curate.ops.clip_score import ClipScoreParams, ClipScoreStage
+    from curate.safety.faces import FacesParams, FacesStage
+    from curate.safety.nsfw import NsfwParams, NsfwStage
+    from curate.safety.watermark import WatermarkParams, WatermarkStage
+
+    tables = sample_tables(samples, batch_rows)
+    scorer = ClipScoreStage(ClipScoreParams(torch_threads=2))
+    scorer.setup()
+    with_embeddings = [scorer.process(table).drop_columns(["drop_reason", "drop_detail"]) for table in tables]
+    scorer.teardown()
+    variants = [
+        ("nsfw (NudeNet 320n, onnxruntime 2 threads)", NsfwStage(NsfwParams(threads=2)), tables),
+        ("watermark (tiny head, stored embeddings)", WatermarkStage(WatermarkParams(torch_threads=2)),
+         with_embeddings),
+        ("watermark (tiny head + curate-tiny embedding)", WatermarkStage(WatermarkParams(torch_threads=2)), tables),
+        ("faces (Haar cascade, detect)", FacesStage(FacesParams()), tables),
+        ("faces (detect + blur + re-encode)", FacesStage(FacesParams(blur=True)), tables),
+    ]
+    rows = []
+    for name, stage, inputs in variants:
+        stage.setup()
+        stage.process(inputs[0].slice(0, 4))  # warm-up
+        result = measure(lambda: [stage.process(table) for table in inputs], sum(t.num_rows for t in inputs))
+        stage.teardown()
+        rows.append({"stage": name, **result})
+    return rows
+
+
+def print_safety(rows: list[dict]) -> None:
+    print("\n| safety stage | img/s | own cores | other cores | attempts |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['stage']} | {fmt(r['images_per_s'], 1)} | {fmt(r['own_cores'])} | {fmt(r['other_cores'])} "
+              f"| {r['attempts']} |")
+
+
 # --------------------------------------------------------------------------- driver
 
 def parse_settings(text: str) -> list[tuple[int, int]]:
@@ -484,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="times a disturbed measurement is redone; the least disturbed is kept (default 2)")
     parser.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
                         help="how long to wait for a quiet machine before each measurement (default 30)")
+    parser.add_argument("--safety-images", type=int, default=128,
+                        help="images for the safety stages (nsfw, watermark, faces); 0: skip (default 128)")
     parser.add_argument("--json", help="write the raw numbers here")
     args = parser.parse_args(argv)
     models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
@@ -527,13 +579,22 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_model("ViT-B-32", spec, model, preprocess, open_clip.get_tokenizer("ViT-B-32"),
                               samples, samples[:args.naive_vit_images], args, args.repeat)
 
+    safety_rows: list[dict] = []
+    if args.safety_images:
+        print(f"# safety stages: {args.safety_images} {args.images} images", flush=True)
+        safety_rows = safety_stages(make(args.safety_images), args.batch_rows)
+
     load_after = os.getloadavg()
-    print_tables(rows)
+    if rows:
+        print_tables(rows)
+    if safety_rows:
+        print_safety(safety_rows)
     print(f"\n# load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "
           f"total {time.perf_counter() - started:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "load_before": load_before,
-                                               "load_after": load_after, "rows": rows}, indent=1))
+                                               "load_after": load_after, "rows": rows,
+                                               "safety": safety_rows}, indent=1))
     return 0
 
 

@@ -295,3 +295,73 @@ def test_unexpected_errors_become_corrupt(monkeypatch):
         process(weird("hopper.webp"))
     assert info.value.reason == "corrupt"
     assert "encoder exploded" in info.value.detail
+
+
+# -- colour management shortcuts and the decode threads ----------------------------------------------
+
+PHOTOS = Path(__file__).parent / "data" / "captioned-images" / "images"
+
+
+def without_profile(data):
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    image.info.pop("icc_profile")
+    return encoded(image, image.format)
+
+
+def test_srgb_profile_within_a_level_keeps_the_decoded_pixels():
+    data = weird("icc_profile.png")  # carries the common "sRGB IEC61966-2.1" profile
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(Image.open(io.BytesIO(data)).info["icc_profile"]))
+    assert "sRGB" in ImageCms.getProfileDescription(profile)
+    with_icc, stripped = process(data, mode="none"), process(without_profile(data), mode="none")
+    assert with_icc.pixel_sha256 == stripped.pixel_sha256
+    assert with_icc.phash == stripped.phash
+    assert np.array_equal(pixels(decoded(with_icc)), pixels(decoded(stripped)))
+
+
+def test_other_profiles_are_converted_exactly_as_littlecms_does():
+    data = (PHOTOS / "000000385580.jpg").read_bytes()  # a real photo with a "Camera RGB Profile"
+    source = Image.open(io.BytesIO(data))
+    source.load()
+    expected = ImageCms.profileToProfile(source, ImageCms.ImageCmsProfile(io.BytesIO(source.info["icc_profile"])),
+                                         ImageCms.createProfile("sRGB"), outputMode="RGB")
+    first, again = process(data, mode="none"), process(data, mode="none")  # the second use hits the cache
+    assert np.array_equal(pixels(decoded(first)), pixels(expected))
+    assert first.data == again.data
+    assert np.abs(pixels(expected) - pixels(source)).mean() > 1.0
+    assert first.pixel_sha256 != process(without_profile(data), mode="none").pixel_sha256
+
+
+def test_broken_profile_is_cached_as_unusable_and_ignored():
+    image = noise_image()
+    data = encoded(image, icc_profile=b"still not a profile")
+    for _ in range(2):
+        assert np.array_equal(pixels(decoded(process(data, mode="none"))), pixels(image))
+
+
+def test_many_calling_threads_get_the_same_results_as_one():
+    from concurrent.futures import ThreadPoolExecutor
+
+    datas = [p.read_bytes() for p in sorted(PHOTOS.iterdir())] + [weird("icc_profile_big.jpg")] * 2
+    alone = [process(d, size=96, encode="jpg") for d in datas]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda d: process(d, size=96, encode="jpg"), datas * 4))
+    assert [(r.data, r.pixel_sha256, r.phash) for r in together] == [(r.data, r.pixel_sha256, r.phash)
+                                                                     for r in alone * 4]
+
+
+def test_a_call_from_a_decode_thread_runs_inline():
+    import threading
+
+    from curate.fetch import image as module
+
+    data = weird("hopper.webp")
+    pool = module._decoder_pool()
+    everyone_busy = threading.Barrier(pool._max_workers)
+
+    def nested():
+        everyone_busy.wait(timeout=30)  # every decode thread is taken: a queued call would never run
+        return process(data, size=64).width
+
+    calls = [pool.submit(nested) for _ in range(pool._max_workers)]
+    assert [call.result(timeout=30) for call in calls] == [64] * pool._max_workers
