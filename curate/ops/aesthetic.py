@@ -12,8 +12,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.models.aesthetic import AestheticSpec, check_aesthetic_available, load_aesthetic
-from curate.models.clip import ClipSpec, ModelUnavailable
-from curate.ops.clip_stage import ClipModelStage, local_path, merge_scores
+from curate.models.clip import ClipSpec
+from curate.ops.clip_stage import ClipHeadStage, merge_scores
 from curate.ops.image_embedding import embed_images
 from curate.stage import Params, with_drops
 
@@ -29,31 +29,13 @@ class AestheticParams(Params):
     decode_threads: int = Field(2, ge=1)
 
 
-class AestheticStage(ClipModelStage):
+class AestheticStage(ClipHeadStage):
     """Fills scores.aesthetic; optionally filters on it."""
 
     name = "aesthetic"
     Params = AestheticParams
-    clip_field = "clip"
-
-    def __init__(self, params: AestheticParams, context=None):
-        super().__init__(params, context)
-        head = self.params.head.model_copy(update={"path": local_path(self.params.head.path, self.context.recipe_dir)})
-        self.params = self.params.model_copy(update={"head": head})
-
-    def preflight(self) -> None:
-        """Refuse missing or mismatched CLIP or head weights before any work."""
-        super().preflight()
-        try:
-            self._head_info = check_aesthetic_available(self.params.head)
-        except ModelUnavailable as error:
-            error.path = error.path or f"stages.{self.name}.head"
-            raise
-
-    def model_info(self) -> list[dict]:
-        """What the manifest records about the CLIP model and the head."""
-        head = getattr(self, "_head_info", None) or check_aesthetic_available(self.params.head)
-        return [*super().model_info(), {"stage": self.name, "role": "aesthetic_head", **head}]
+    head_role = "aesthetic_head"
+    check_head = staticmethod(check_aesthetic_available)
 
     def setup(self) -> None:
         """Load CLIP and the head once per worker (the head's input size is checked here)."""

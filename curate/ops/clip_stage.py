@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import pyarrow as pa
 
@@ -96,3 +96,35 @@ class ClipModelStage(Stage):
         if getattr(self, "pool", None) is not None:
             self.pool.shutdown()
             self.pool = None
+
+
+class ClipHeadStage(ClipModelStage):
+    """Base of stages that put a small head on the CLIP image embedding (aesthetic, watermark).
+
+    The stage's Params have `clip` (the ClipSpec) and `head` (a spec with a local `path`);
+    `check_head` checks the head's weights and returns their description for the manifest,
+    where they are recorded with role `head_role`.
+    """
+
+    clip_field = "clip"
+    head_role: ClassVar[str]
+    check_head: ClassVar[Callable[[Any], dict]]
+
+    def __init__(self, params: Params, context: StageContext | None = None):
+        super().__init__(params, context)
+        head = self.params.head.model_copy(update={"path": local_path(self.params.head.path, self.context.recipe_dir)})
+        self.params = self.params.model_copy(update={"head": head})
+
+    def preflight(self) -> None:
+        """Refuse missing or mismatched CLIP or head weights before any work."""
+        super().preflight()
+        try:
+            self._head_info = type(self).check_head(self.params.head)
+        except ModelUnavailable as error:
+            error.path = error.path or f"stages.{self.name}.head"
+            raise
+
+    def model_info(self) -> list[dict]:
+        """What the manifest records about the CLIP model and the head."""
+        head = getattr(self, "_head_info", None) or type(self).check_head(self.params.head)
+        return [*super().model_info(), {"stage": self.name, "role": self.head_role, **head}]

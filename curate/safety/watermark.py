@@ -16,9 +16,9 @@ from pydantic import Field
 
 from curate.models.clip import ClipSpec, ModelUnavailable, check_clip_available, load_clip
 from curate.models.watermark import WatermarkSpec, check_watermark_available, load_watermark
-from curate.ops.clip_stage import ClipModelStage, local_path, merge_scores, model_id, torch_threads
+from curate.ops.clip_stage import ClipHeadStage, merge_scores, model_id, torch_threads
 from curate.ops.image_embedding import embed_images
-from curate.stage import Params, StageContext, with_drops
+from curate.stage import Params, with_drops
 
 WATERMARK = "watermark"
 CORRUPT = "corrupt"
@@ -34,32 +34,14 @@ class WatermarkParams(Params):
     decode_threads: int = Field(2, ge=1)
 
 
-class WatermarkStage(ClipModelStage):
+class WatermarkStage(ClipHeadStage):
     """Fills scores.watermark (probability that image 0 carries a watermark); optionally filters on it."""
 
     name = "watermark"
     Params = WatermarkParams
     phase = "safety"
-    clip_field = "clip"
-
-    def __init__(self, params: WatermarkParams, context: StageContext | None = None):
-        super().__init__(params, context)
-        head = self.params.head.model_copy(update={"path": local_path(self.params.head.path, self.context.recipe_dir)})
-        self.params = self.params.model_copy(update={"head": head})
-
-    def preflight(self) -> None:
-        """Refuse missing or mismatched CLIP or head weights before any work."""
-        super().preflight()
-        try:
-            self._head_info = check_watermark_available(self.params.head)
-        except ModelUnavailable as error:
-            error.path = error.path or f"stages.{self.name}.head"
-            raise
-
-    def model_info(self) -> list[dict]:
-        """What the manifest records about the CLIP model and the head."""
-        head = getattr(self, "_head_info", None) or check_watermark_available(self.params.head)
-        return [*super().model_info(), {"stage": self.name, "role": "watermark_head", **head}]
+    head_role = "watermark_head"
+    check_head = staticmethod(check_watermark_available)
 
     def setup(self) -> None:
         """Name the CLIP model whose stored embeddings can be reused; CLIP itself loads only when needed."""

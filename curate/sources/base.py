@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 import pyarrow as pa
 
-from curate.stage import Params
+from curate.schema import from_rows
+from curate.stage import Params, with_drops
+
+# What a source makes of one input row: (sample, drop reason or None, drop detail or None).
+SampleResult = tuple[dict[str, Any], str | None, str | None]
 
 
 class Source:
@@ -37,3 +41,21 @@ class Source:
     def describe(self) -> dict[str, Any]:
         """What the manifest records about this source (type, path, format, columns)."""
         return {"type": self.name, "params": self.params.model_dump(mode="json")}
+
+
+def samples_table(results: list[SampleResult]) -> pa.Table:
+    """One SAMPLE_SCHEMA table, with drop_reason / drop_detail, of (sample, reason, detail) results."""
+    samples, reasons, details = zip(*results)
+    return with_drops(from_rows(list(samples)), list(reasons), list(details))
+
+
+def batched_samples(results: Iterable[SampleResult], batch_rows: int) -> Iterator[pa.Table]:
+    """`samples_table`s of at most `batch_rows` results each, in order."""
+    chunk: list[SampleResult] = []
+    for result in results:
+        chunk.append(result)
+        if len(chunk) == batch_rows:
+            yield samples_table(chunk)
+            chunk = []
+    if chunk:
+        yield samples_table(chunk)

@@ -28,9 +28,9 @@ import pyarrow as pa
 
 from curate.extract.document import DocumentImage, document_sample
 from curate.extract.inputs import absolute, dataset_name, input_files
-from curate.schema import from_rows, sample_key
-from curate.sources.base import Source
-from curate.stage import Params, with_drops
+from curate.schema import sample_key
+from curate.sources.base import Source, batched_samples
+from curate.stage import Params
 
 BAD_INPUT_ROW = "bad_input_row"
 TRUNCATED_INPUT = "truncated_input"
@@ -135,17 +135,8 @@ class Mmc4Source(Source):
 
     def iter_batches(self, batch_rows: int) -> Iterator[pa.Table]:
         """Yield SAMPLE_SCHEMA tables of at most `batch_rows` documents, with drop_reason/drop_detail."""
-        rows, reasons, details = [], [], []
-        for index, line in enumerate(self._lines()):
-            sample, reason, detail = self._sample(index, line)
-            rows.append(sample)
-            reasons.append(reason)
-            details.append(detail)
-            if len(rows) == batch_rows:
-                yield with_drops(from_rows(rows), reasons, details)
-                rows, reasons, details = [], [], []
-        if rows:
-            yield with_drops(from_rows(rows), reasons, details)
+        yield from batched_samples((self._sample(index, line) for index, line in enumerate(self._lines())),
+                                   batch_rows)
 
     # -- reading ---------------------------------------------------------------
 

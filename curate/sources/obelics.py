@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 
 from curate.extract.document import DocumentImage, document_sample
 from curate.extract.inputs import absolute, dataset_name, input_files
-from curate.schema import from_rows, sample_key
-from curate.sources.base import Source
-from curate.stage import Params, RecipeError, with_drops
+from curate.schema import sample_key
+from curate.sources.base import SampleResult, Source, batched_samples
+from curate.stage import Params, RecipeError
 
 BAD_INPUT_ROW = "bad_input_row"
 SUFFIXES = (".parquet", ".pq")
@@ -90,22 +90,18 @@ class ObelicsSource(Source):
     def iter_batches(self, batch_rows: int) -> Iterator[pa.Table]:
         """Yield SAMPLE_SCHEMA tables of at most `batch_rows` documents, with drop_reason/drop_detail."""
         self.preflight()
+        yield from batched_samples(self._results(batch_rows), batch_rows)
+
+    def _results(self, batch_rows: int) -> Iterator[SampleResult]:
+        """(sample, reason, detail) of every row of every file, the detail naming the file and row."""
         index = 0
-        rows, reasons, details = [], [], []
         for path in input_files(self.path, SUFFIXES, "Parquet files"):
             with pq.ParquetFile(path) as parquet:
                 for batch in parquet.iter_batches(batch_size=batch_rows, columns=self._columns()):
                     for number, record in enumerate(batch.to_pylist()):
                         sample, reason, detail = self._sample(index, record)
-                        rows.append(sample)
-                        reasons.append(reason)
-                        details.append(detail and f"{path} row {number}: {detail}")
+                        yield sample, reason, detail and f"{path} row {number}: {detail}"
                         index += 1
-                        if len(rows) == batch_rows:
-                            yield with_drops(from_rows(rows), reasons, details)
-                            rows, reasons, details = [], [], []
-        if rows:
-            yield with_drops(from_rows(rows), reasons, details)
 
     def _sample(self, index: int, record: dict[str, Any]) -> tuple[dict[str, Any], str | None, str | None]:
         p = self.params

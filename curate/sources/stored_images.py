@@ -23,10 +23,10 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
-from curate.schema import caption_text, from_rows, sample_key
-from curate.sources.base import Source
+from curate.schema import caption_text, sample_key
+from curate.sources.base import Source, samples_table
 from curate.sources.edit_images import ImageCellError, probe
-from curate.stage import RecipeError, with_drops
+from curate.stage import RecipeError
 
 MISSING_IMAGE = "missing_image"  # the row has no image bytes (a failed download, a sidecar without its image)
 TOO_LARGE = "too_large"  # the stored image is above `max_image_bytes`
@@ -72,10 +72,10 @@ def pair_tables(rows: Iterable[StoredRow], dataset: str, batch_rows: int, max_im
         chunk.append((sample, reason, detail))
         chunk_bytes += len(sample["images"][0]["bytes"] or b"")
         if len(chunk) == batch_rows or chunk_bytes >= _TABLE_BYTES:
-            yield _table(chunk)
+            yield samples_table(chunk)
             chunk, chunk_bytes = [], 0
     if chunk:
-        yield _table(chunk)
+        yield samples_table(chunk)
 
 
 def pair_sample(dataset: str, index: int, row: StoredRow, max_image_bytes: int
@@ -228,11 +228,6 @@ def default_dataset(path: str) -> str:
     fixed = path.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
     name = os.path.basename(os.path.normpath(fixed)) or os.path.basename(os.path.dirname(os.path.normpath(fixed)))
     return name.split(".", 1)[0] or name or "images"
-
-
-def _table(chunk: list[tuple[dict[str, Any], str | None, str | None]]) -> pa.Table:
-    samples, reasons, details = zip(*chunk)
-    return with_drops(from_rows(samples), list(reasons), list(details))
 
 
 class StoredImagesSource(Source):

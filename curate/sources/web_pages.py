@@ -46,9 +46,9 @@ from curate.extract.charset import charset_from_content_type, decode_html
 from curate.extract.document import DocumentImage, document_sample
 from curate.extract.html import ExtractedPage, ExtractParams, extract_page
 from curate.extract.inputs import absolute, dataset_name, input_files
-from curate.schema import from_rows, sample_key
-from curate.sources.base import Source
-from curate.stage import Params, RecipeError, with_drops
+from curate.schema import sample_key
+from curate.sources.base import Source, batched_samples
+from curate.stage import Params, RecipeError
 
 MALFORMED_RECORD = "malformed_record"
 TRUNCATED_RECORD = "truncated_record"
@@ -138,17 +138,8 @@ class _PageSource(Source):
     def iter_batches(self, batch_rows: int) -> Iterator[pa.Table]:
         """Yield SAMPLE_SCHEMA tables of at most `batch_rows` pages, with drop_reason/drop_detail."""
         self.preflight()
-        rows, reasons, details = [], [], []
-        for index, page in enumerate(self._pages()):
-            sample, reason, detail = self._sample(index, page)
-            rows.append(sample)
-            reasons.append(reason)
-            details.append(detail)
-            if len(rows) == batch_rows:
-                yield with_drops(from_rows(rows), reasons, details)
-                rows, reasons, details = [], [], []
-        if rows:
-            yield with_drops(from_rows(rows), reasons, details)
+        yield from batched_samples((self._sample(index, page) for index, page in enumerate(self._pages())),
+                                   batch_rows)
 
     def _sample(self, index: int, page: _Page) -> tuple[dict[str, Any], str | None, str | None]:
         key = sample_key(self.dataset, index, page.url or page.where)
