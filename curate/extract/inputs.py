@@ -8,11 +8,6 @@ import os
 from curate.stage import RecipeError
 
 
-def absolute(path: str, recipe_dir: str) -> str:
-    """`path` (with ~) made absolute against the recipe's directory."""
-    return os.path.abspath(os.path.join(recipe_dir, os.path.expanduser(path)))
-
-
 def input_files(path: str, suffixes: tuple[str, ...], what: str) -> list[str]:
     """The files to read, in a fixed (sorted) order.
 
@@ -35,9 +30,3 @@ def input_files(path: str, suffixes: tuple[str, ...], what: str) -> list[str]:
         if files:
             return files
     raise RecipeError(f"{what} not found: {path}", path="source.path")
-
-
-def dataset_name(path: str) -> str:
-    """A default dataset name: the file or folder name without its extensions."""
-    name = os.path.basename(os.path.normpath(path.split("*", 1)[0])) or "documents"
-    return name.split(".", 1)[0] or name

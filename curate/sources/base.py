@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar, Iterable, Iterator
 
 import pyarrow as pa
@@ -59,3 +60,32 @@ def batched_samples(results: Iterable[SampleResult], batch_rows: int) -> Iterato
             chunk = []
     if chunk:
         yield samples_table(chunk)
+
+
+def resolve_path(path: str, recipe_dir: str) -> str:
+    """`path` made absolute against the recipe's directory (`~` expanded)."""
+    return os.path.abspath(os.path.join(recipe_dir, os.path.expanduser(path)))
+
+
+def default_dataset(path: str, fallback: str = "images") -> str:
+    """A dataset name from a path: the file or folder name without extensions (a glob: its fixed part)."""
+    fixed = path.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+    name = os.path.basename(os.path.normpath(fixed)) or os.path.basename(os.path.dirname(os.path.normpath(fixed)))
+    return name.split(".", 1)[0] or name or fallback
+
+
+class LocalPathSource(Source):
+    """A source reading `params.path` (made absolute against the recipe's folder) and naming its dataset
+    `params.dataset`, else after the path."""
+
+    fallback_dataset: ClassVar[str] = "data"  # the dataset name when the path gives none
+
+    @property
+    def path(self) -> str:
+        """The configured path, made absolute against the recipe's folder."""
+        return resolve_path(self.params.path, self.recipe_dir)
+
+    @property
+    def dataset(self) -> str:
+        """The dataset name recorded in `source.dataset` and used as the key's source id."""
+        return self.params.dataset or default_dataset(self.path, self.fallback_dataset)

@@ -27,9 +27,9 @@ from typing import Any, BinaryIO, Iterator
 import pyarrow as pa
 
 from curate.extract.document import DocumentImage, document_sample
-from curate.extract.inputs import absolute, dataset_name, input_files
+from curate.extract.inputs import input_files
 from curate.schema import sample_key
-from curate.sources.base import Source, batched_samples
+from curate.sources.base import LocalPathSource, batched_samples
 from curate.stage import Params
 
 BAD_INPUT_ROW = "bad_input_row"
@@ -109,21 +109,15 @@ def _inflate(handle: BinaryIO) -> Iterator[bytes]:
     handle.seek(-len(inflater.unused_data), 1)  # give back the start of what follows
 
 
-class Mmc4Source(Source):
+class Mmc4Source(LocalPathSource):
     """Streams MMC4 documents as `interleaved` samples, one per line, in file order."""
+
+    fallback_dataset = "documents"
 
     name = "mmc4"
     Params = Mmc4Params
     params: Mmc4Params
     needs_fetch = True  # images are URLs: a recipe must run the fetch stage
-
-    @property
-    def path(self) -> str:
-        return absolute(self.params.path, self.recipe_dir)
-
-    @property
-    def dataset(self) -> str:
-        return self.params.dataset or dataset_name(self.path)
 
     def preflight(self) -> None:
         """Check that there are MMC4 files to read."""

@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.extract.document import DocumentImage, document_sample
-from curate.extract.inputs import absolute, dataset_name, input_files
+from curate.extract.inputs import input_files
 from curate.schema import sample_key
-from curate.sources.base import SampleResult, Source, batched_samples
+from curate.sources.base import LocalPathSource, SampleResult, batched_samples
 from curate.stage import Params, RecipeError
 
 BAD_INPUT_ROW = "bad_input_row"
@@ -46,21 +46,15 @@ class _BadRow(ValueError):
     """A row that cannot be a document."""
 
 
-class ObelicsSource(Source):
+class ObelicsSource(LocalPathSource):
     """Streams OBELICS-layout Parquet rows as `interleaved` samples, in file and row order."""
+
+    fallback_dataset = "documents"
 
     name = "obelics"
     Params = ObelicsParams
     params: ObelicsParams
     needs_fetch = True  # images are usually URLs: a recipe must run the fetch stage
-
-    @property
-    def path(self) -> str:
-        return absolute(self.params.path, self.recipe_dir)
-
-    @property
-    def dataset(self) -> str:
-        return self.params.dataset or dataset_name(self.path)
 
     def _columns(self) -> list[str]:
         p = self.params

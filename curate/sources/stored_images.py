@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 
 from curate.schema import caption_text, sample_key
-from curate.sources.base import Source, samples_table
+from curate.sources.base import LocalPathSource, samples_table
 from curate.sources.edit_images import ImageCellError, probe
 from curate.stage import RecipeError
 
@@ -195,11 +195,6 @@ def read_image_file(path: Path, max_image_bytes: int) -> tuple[bytes | None, str
     return data, None, None
 
 
-def resolve_path(path: str, recipe_dir: str) -> str:
-    """`path` made absolute against the recipe's directory (`~` expanded)."""
-    return os.path.abspath(os.path.join(recipe_dir, os.path.expanduser(path)))
-
-
 def matching_files(path: str, suffixes: tuple[str, ...], what: str) -> list[str]:
     """The input files in reading order: `path` itself, the files below a folder, or a glob's matches.
 
@@ -223,22 +218,7 @@ def matching_files(path: str, suffixes: tuple[str, ...], what: str) -> list[str]
     raise RecipeError(f"{what} not found: {path}", path="source.path")
 
 
-def default_dataset(path: str) -> str:
-    """A dataset name from a path: the file or folder name without extensions (a glob: its fixed part)."""
-    fixed = path.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
-    name = os.path.basename(os.path.normpath(fixed)) or os.path.basename(os.path.dirname(os.path.normpath(fixed)))
-    return name.split(".", 1)[0] or name or "images"
+class StoredImagesSource(LocalPathSource):
+    """Base of the sources that read images stored on disk."""
 
-
-class StoredImagesSource(Source):
-    """Base of the sources that read images stored on disk: `params.path` and `params.dataset`."""
-
-    @property
-    def path(self) -> str:
-        """The configured path, made absolute against the recipe's folder."""
-        return resolve_path(self.params.path, self.recipe_dir)
-
-    @property
-    def dataset(self) -> str:
-        """The dataset name recorded in `source.dataset` and used as the key's source id."""
-        return self.params.dataset or default_dataset(self.path)
+    fallback_dataset = "images"

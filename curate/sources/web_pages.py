@@ -45,9 +45,9 @@ from pydantic import Field
 from curate.extract.charset import charset_from_content_type, decode_html
 from curate.extract.document import DocumentImage, document_sample
 from curate.extract.html import ExtractedPage, ExtractParams, extract_page
-from curate.extract.inputs import absolute, dataset_name, input_files
+from curate.extract.inputs import input_files
 from curate.schema import sample_key
-from curate.sources.base import Source, batched_samples
+from curate.sources.base import LocalPathSource, batched_samples
 from curate.stage import Params, RecipeError
 
 MALFORMED_RECORD = "malformed_record"
@@ -107,22 +107,16 @@ class _Page:
     detail: str | None = None
 
 
-class _PageSource(Source):
+class _PageSource(LocalPathSource):
     """Turns _Page rows into documents; subclasses say where the pages come from."""
+
+    fallback_dataset = "documents"
 
     Params = WebPagesParams
     params: WebPagesParams
     needs_fetch = True  # page images are URLs: a recipe must run the fetch stage
     suffixes: tuple[str, ...] = ()
     what = "pages"
-
-    @property
-    def path(self) -> str:
-        return absolute(self.params.path, self.recipe_dir)
-
-    @property
-    def dataset(self) -> str:
-        return self.params.dataset or dataset_name(self.path)
 
     def preflight(self) -> None:
         """Check that there is something to read."""
