@@ -84,6 +84,8 @@ class Stage:
     # one checkpoint; a new phase starts a new checkpoint.
     phase: ClassVar[str] = "prepare"
     resources: ClassVar[Resources] = Resources()
+    # True when the stage reads image_meta.pixel_sha256 / phash, which fetch computes unless told not to.
+    reads_image_fingerprints: ClassVar[bool] = False
 
     def __init__(self, params: Params, context: StageContext | None = None):
         self.params = params

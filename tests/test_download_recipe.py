@@ -15,6 +15,7 @@ from rich.console import Console
 from curate.demo.server import LoopbackServer, Route
 from curate.engine.run import compile_plan, execute
 from curate.recipe import load_recipe
+from curate.stage import RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "pipelines" / "download.yaml"
@@ -88,3 +89,19 @@ def test_recipe_runs_on_loopback_and_writes_resized_webdataset(local_ray, tmp_pa
         with Image.open(PHOTOS / name) as original:
             assert (meta["original_width"], meta["original_height"]) == original.size
         assert sample.get("txt", "") == (captions[name] if name != photos[-1] else "")
+
+
+def test_recipe_skips_fingerprints_and_refuses_a_stage_that_reads_them(tmp_path):
+    url_list = write_list(tmp_path / "urls.parquet", ["http://example.com/a.jpg"], ["a caption"])
+    plan = compile_plan(load_recipe(RECIPE, [f"source.path={url_list}", f"output.path={tmp_path / 'out'}"]))
+    assert plan.stages[0].params.fingerprints is False  # img2dataset's job needs no dedup hashes
+
+    dedup = load_recipe(RECIPE, [f"source.path={url_list}", f"output.path={tmp_path / 'out'}",
+                                 "stages.dedup_exact={}"])
+    with pytest.raises(RecipeError, match="fingerprints") as refused:
+        compile_plan(dedup)
+    assert refused.value.path == "stages.fetch.fingerprints"
+
+    with_hashes = load_recipe(RECIPE, [f"source.path={url_list}", f"output.path={tmp_path / 'out'}",
+                                       "stages.dedup_exact={}", "stages.fetch.fingerprints=true"])
+    assert [stage.name for stage in compile_plan(with_hashes).stages][-1] == "dedup_exact"

@@ -365,3 +365,14 @@ def test_a_call_from_a_decode_thread_runs_inline():
 
     calls = [pool.submit(nested) for _ in range(pool._max_workers)]
     assert [call.result(timeout=30) for call in calls] == [64] * pool._max_workers
+
+
+def test_fingerprints_off_leaves_hashes_empty_and_changes_nothing_else():
+    photo = sorted((Path(__file__).parent / "data" / "captioned-images").rglob("*.jpg"))[0]
+    data = photo.read_bytes()
+    resize, encode = ResizeParams(mode="keep_ratio", size=256), EncodeParams(format="jpg", quality=90)
+    with_hashes = process_image(data, resize, encode, MAX_PIXELS)
+    without = process_image(data, resize, encode, MAX_PIXELS, fingerprints=False)
+    assert with_hashes.pixel_sha256 is not None and with_hashes.phash is not None
+    assert without.pixel_sha256 is None and without.phash is None
+    assert without.data == with_hashes.data and without.sha256 == with_hashes.sha256

@@ -86,6 +86,7 @@ class Decontaminate(CorpusStage):
     """Drops samples that are exact, perceptual or semantic copies of evaluation images."""
 
     name = "decontaminate"
+    reads_image_fingerprints = True
     Params = DecontaminateParams
     columns = ("key", "image_meta", "embeddings", "captions")
 

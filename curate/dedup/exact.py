@@ -41,6 +41,7 @@ class DedupExact(CorpusStage):
     """Drops byte or pixel copies (`duplicate_exact`), keeping the most preferred of each group."""
 
     name = "dedup_exact"
+    reads_image_fingerprints = True
     Params = DedupExactParams
     columns = ("key", "image_meta", "scores", "meta")
 

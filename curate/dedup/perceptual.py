@@ -32,6 +32,7 @@ class DedupPerceptual(CorpusStage):
     """Drops perceptual near-duplicates (`duplicate_perceptual`) of a more preferred sample."""
 
     name = "dedup_perceptual"
+    reads_image_fingerprints = True
     Params = DedupPerceptualParams
     columns = ("key", "image_meta", "scores", "meta")
 

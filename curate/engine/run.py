@@ -82,6 +82,7 @@ def compile_plan(loaded: LoadedRecipe, require_weights: bool = True) -> Plan:
     if getattr(source_cls, "needs_fetch", False) and "fetch" not in loaded.stage_params:
         raise RecipeError("this source yields URLs; add a `fetch` stage to download them",
                           file=str(loaded.file), path="stages")
+    _check_fingerprints(loaded, stages)
     source.preflight()
     warnings = []
     for stage in stages:
@@ -116,6 +117,18 @@ def compile_plan(loaded: LoadedRecipe, require_weights: bool = True) -> Plan:
     sinks = [SinkSpec(name, registry.SINKS[name], params.model_dump(mode="json"))
              for name, params in loaded.sink_params.items()]
     return Plan(loaded, source, phases, stages, sinks, layout, warnings, storage_config=storage_config)
+
+
+def _check_fingerprints(loaded: LoadedRecipe, stages: list[Stage]) -> None:
+    """A fetch told not to compute image fingerprints cannot feed a stage that reads them."""
+    fetch = next((stage for stage in stages if stage.name == "fetch"), None)
+    if fetch is None or getattr(fetch.params, "fingerprints", True):
+        return
+    readers = [stage.name for stage in stages if stage.reads_image_fingerprints]
+    if readers:
+        raise RecipeError(f"fetch.fingerprints is false, but {', '.join(readers)} read(s) image_meta.pixel_sha256 "
+                          "and phash; remove `fingerprints: false`", file=str(loaded.file),
+                          path="stages.fetch.fingerprints")
 
 
 def storage_settings(loaded: LoadedRecipe) -> storage.StorageConfig:

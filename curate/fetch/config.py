@@ -49,6 +49,9 @@ class FetchParams(Params):
     max_retry_after: float = Field(60.0, ge=0)  # a longer Retry-After drops the URL as rate_limited
     max_redirects: int = Field(5, ge=0, le=30)
     max_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # response size limit
+    # image_meta.pixel_sha256 and phash (for dedup, decontamination and hash blocklists), about 1 ms per image.
+    # A recipe that turns them off cannot have a stage that reads them (checked when the plan is compiled).
+    fingerprints: bool = True
     max_pixels: int = Field(89_478_485, ge=1)  # decompression-bomb limit (Pillow's default)
     user_agent: str = "curate/0.1 (image dataset builder; honours robots.txt and X-Robots-Tag noai/noimageai)"
     opt_out_directives: list[str] = list(DEFAULT_OPT_OUT)  # X-Robots-Tag values that forbid use

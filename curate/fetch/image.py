@@ -55,7 +55,7 @@ WHITE = (255, 255, 255)
 # until that thread allocates again: decoded on each of 16-32 download threads, they kept
 # hundreds of MiB per process resident (free but not returned). So images are decoded on a
 # small pool of threads, one per CPU, whose heaps reuse that memory image after image.
-_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_CPUS = int(os.environ.get("CURATE_DECODE_THREADS", 0)) or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _on_decode_thread = threading.local()
@@ -97,12 +97,15 @@ class ProcessedImage:
     sha256: str  # hex digest of the original bytes
     num_bytes: int
     original_num_bytes: int
-    pixel_sha256: str  # of the decoded RGB pixels before resizing (see module docstring)
-    phash: int  # 64-bit DCT perceptual hash as a signed integer
+    pixel_sha256: str | None  # of the decoded RGB pixels before resizing (see module docstring); None if not asked
+    phash: int | None  # 64-bit DCT perceptual hash as a signed integer; None if not asked
 
 
-def process_image(data: bytes, resize: ResizeParams, encode: EncodeParams, max_pixels: int) -> ProcessedImage:
+def process_image(data: bytes, resize: ResizeParams, encode: EncodeParams, max_pixels: int,
+                  fingerprints: bool = True) -> ProcessedImage:
     """Decode `data`, make it an upright sRGB RGB image, resize it and encode it.
+
+    With `fingerprints` off, `pixel_sha256` and `phash` are left None.
 
     Only the first frame of an animation is used. Raises ImageError (and nothing
     else) when the data is not a usable image. May be called from any number of threads:
@@ -110,8 +113,8 @@ def process_image(data: bytes, resize: ResizeParams, encode: EncodeParams, max_p
     """
     try:
         if getattr(_on_decode_thread, "yes", False):  # already on a decode thread: waiting for the pool would deadlock
-            return _process(data, resize, encode, max_pixels)
-        return _decoder_pool().submit(_process, data, resize, encode, max_pixels).result()
+            return _process(data, resize, encode, max_pixels, fingerprints)
+        return _decoder_pool().submit(_process, data, resize, encode, max_pixels, fingerprints).result()
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a drop reason
@@ -135,7 +138,8 @@ def scaled_size(size: tuple[int, int], resize: ResizeParams) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _process(data: bytes, resize: ResizeParams, encode: EncodeParams, max_pixels: int) -> ProcessedImage:
+def _process(data: bytes, resize: ResizeParams, encode: EncodeParams, max_pixels: int,
+             fingerprints: bool) -> ProcessedImage:
     with Image.open(io.BytesIO(data), formats=_read_formats()) as im:
         original_format = im.format or "unknown"
         _check_pixels(im.size, max_pixels)
@@ -146,8 +150,8 @@ def _process(data: bytes, resize: ResizeParams, encode: EncodeParams, max_pixels
         swapped = upright.size != im.size
         displayed = stored_size[::-1] if swapped else stored_size
         rgb = _to_rgb(upright)
-        fingerprint = pixel_sha256(rgb)
-        perceptual = phash(rgb)
+        fingerprint = pixel_sha256(rgb) if fingerprints else None
+        perceptual = phash(rgb) if fingerprints else None
         out = _resize(rgb, displayed, resize)
         payload = _encode(out, encode)
     return ProcessedImage(

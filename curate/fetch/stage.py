@@ -122,7 +122,7 @@ class FetchStage(Stage):
             return _Failure(result.reason, result.detail)
         params = self.params
         try:
-            return process_image(result.body, params.resize, params.encode, params.max_pixels)
+            return process_image(result.body, params.resize, params.encode, params.max_pixels, params.fingerprints)
         except ImageError as exc:
             return _Failure(exc.reason, exc.detail)
 

@@ -193,6 +193,7 @@ class BlocklistHashes(_BlocklistBase):
     """Drops samples whose image hashes are listed. Place it after `fetch`."""
 
     name = "blocklist_hashes"
+    reads_image_fingerprints = True
     Params = BlocklistHashesParams
 
     def setup(self) -> None:
