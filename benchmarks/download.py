@@ -218,6 +218,46 @@ def tar_samples(out: Path) -> tuple[int, int]:
     return samples, resized
 
 
+FIDELITY_EVERY = 10  # output fidelity is measured on every 10th photo (those without an ICC profile)
+
+
+def fidelity(out: Path, photos, references: dict) -> dict[str, Any]:
+    """PSNR of a tool's output images against a reference of the same size: Lanczos from the full-size decode.
+
+    Only photos without an ICC profile are compared, as img2dataset keeps a profile's pixels
+    unconverted while curate converts them to sRGB. `references` caches the reference images.
+    """
+    import numpy as np
+    from PIL import Image
+
+    values = []
+    for path in sorted(glob.glob(str(out / "**" / "*.tar"), recursive=True)):
+        with tarfile.open(path) as tar:
+            members = {}
+            for member in tar:
+                if member.isfile():
+                    key, _, ext = member.name.partition(".")
+                    members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for files in members.values():
+            record = json.loads(files["json"])
+            url = record.get("url") or record["image_meta"][0]["url"]
+            index = int(url.rsplit("/", 1)[-1].split(".")[0])
+            if index % FIDELITY_EVERY or photos[index].icc:
+                continue
+            with Image.open(io.BytesIO(files["jpg"])) as im:
+                output = np.asarray(im.convert("RGB"), dtype=np.float64)
+            size = (output.shape[1], output.shape[0])
+            if (index, size) not in references:
+                with Image.open(photos[index].path) as original:
+                    references[index, size] = np.asarray(
+                        original.convert("RGB").resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
+            mse = float(np.mean((output - references[index, size]) ** 2))
+            values.append(99.0 if mse == 0 else 10 * np.log10(255 ** 2 / mse))
+    values.sort()
+    return {"psnr_images": len(values), "psnr_median_db": round(statistics.median(values), 2),
+            "psnr_p10_db": round(values[len(values) // 10], 2)}
+
+
 def curate_results(out: Path) -> dict[str, Any]:
     manifest = json.loads((out / "manifest.json").read_text())
     samples, resized = tar_samples(out)
@@ -307,6 +347,9 @@ def speed_report(meta: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) ->
     row("samples in the tars / of them 512 px", c, i, lambda r: r["tar_samples"], "{:,.0f}")
     row("wall time, s", c, i, lambda r: r["wall_s"], spread=True)
     row("**samples/s** (written / wall time)", c, i, lambda r: r["successes"] / r["wall_s"], spread=True)
+    row(f"output fidelity: PSNR vs a Lanczos resize of the full-size decode, median dB ({c[0]['psnr_images']} "
+        "photos without ICC profile)", c, i, lambda r: r["psnr_median_db"])
+    row("output fidelity: PSNR, 10th percentile dB", c, i, lambda r: r["psnr_p10_db"])
     row("peak PSS, summed over the process tree, MiB", c, i, lambda r: r["peak_pss_mib"], "{:,.0f}")
     row("peak RSS, summed over the process tree, MiB", c, i, lambda r: r["peak_rss_mib"], "{:,.0f}")
     lines.append(f"| **peak PSS above curate's idle Ray ({idle_pss:,.0f} MiB)**, MiB | "
@@ -414,6 +457,7 @@ def speed_part(args: argparse.Namespace, server: Server, photos, workdir: Path) 
     commands = {"curate": lambda url_list, out: curate_command(args, url_list, out),
                 "img2dataset": lambda url_list, out: img2dataset_command(args, url_list, out)}
     results = {"curate": curate_results, "img2dataset": img2dataset_results}
+    references: dict = {}
     runs: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for repeat in range(args.repeat):
         print(f"\n=== round {repeat + 1}/{args.repeat}, load average {loadavg()}", flush=True)
@@ -429,6 +473,7 @@ def speed_part(args: argparse.Namespace, server: Server, photos, workdir: Path) 
                 run = measured(name, commands[tool](lists[which], out), server, workdir, args.timeout)
                 if which == "full":
                     run.update(results[tool](out))
+                    run.update(fidelity(out, photos, references))
                 print(json.dumps({k: v for k, v in run.items() if k != "command"}), flush=True)
                 runs[name].append(run)
     return runs
