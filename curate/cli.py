@@ -57,7 +57,8 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, "
                                                                   "else a local Ray)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; do no work."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an output folder of another recipe."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete what the output folder holds (another "
+                                   "recipe's output, an unfinished or a finished run) and start over."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Show Ray's logs."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:

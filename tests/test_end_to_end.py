@@ -356,6 +356,33 @@ def test_rerun_of_a_finished_output_is_a_no_op(uninterrupted, demo_web):
     assert sum(route.hits for route in server.routes.values()) == hits_before
 
 
+def test_a_changed_input_file_is_refused_until_overwrite_starts_over(demo_web, tmp_path):
+    server, url_list = demo_web
+    rows = pq.read_table(url_list)
+    short_list, output = tmp_path / "urls.parquet", tmp_path / "out"
+    pq.write_table(rows.slice(0, 20), short_list)
+    first = run(short_list, output, *DETERMINISM)
+    assert first["sources"][0]["input_file"]["bytes"] == short_list.stat().st_size
+    assert run(short_list, output, *DETERMINISM) == first  # unchanged input: complete, nothing to do
+
+    pq.write_table(rows.slice(0, 15), short_list)
+    with pytest.raises(OutputConflict) as caught:
+        run(short_list, output, *DETERMINISM)
+    assert caught.value.path == "source.path" and "input file changed" in caught.value.message
+    assert json.loads((output / "manifest.json").read_text()) == first  # refused: the old output is untouched
+
+    loaded = load_recipe(DEMO_RECIPE, [f"source.path={short_list}", f"output.path={output}", *NO_MODELS,
+                                       *DETERMINISM])
+    again = execute(compile_plan(loaded), Console(file=io.StringIO()), progress=False, overwrite=True)
+    assert again["reconciliation"]["input_rows"] == 15
+    assert_reconciles(again, output)
+    hits_before = sum(route.hits for route in server.routes.values())
+    restarted = execute(compile_plan(loaded), Console(file=io.StringIO()), progress=False, overwrite=True)
+    assert shard_digests(restarted) == shard_digests(again)
+    # --overwrite starts even a finished output over: every image is requested again
+    assert sum(route.hits for route in server.routes.values()) - hits_before >= 15
+
+
 def test_another_recipe_into_the_same_output_is_refused(uninterrupted, demo_web):
     _, url_list = demo_web
     folder, _, _ = uninterrupted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 from pathlib import Path
 
@@ -142,3 +143,17 @@ def test_retry_refuses_a_folder_without_a_manifest(tmp_path):
 
     with pytest.raises(RecipeError, match="no manifest.json"):
         retry(tmp_path, Console(file=io.StringIO()))
+
+
+def test_retry_refuses_when_the_input_file_changed(finished_run):
+    from curate.stage import RecipeError
+
+    output, manifest, server, _ = finished_run
+    url_list = Path(manifest["sources"][0]["path"])
+    table = pq.read_table(url_list)
+    pq.write_table(table.slice(1), url_list)  # the list was edited in place after the run
+    hits = sum(route.hits for route in server.routes.values())
+    with pytest.raises(RecipeError, match="input file changed"):
+        retry(output, Console(file=io.StringIO()))
+    assert sum(route.hits for route in server.routes.values()) == hits  # nothing was fetched
+    assert json.loads((output / "manifest.json").read_text()) == manifest

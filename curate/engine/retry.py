@@ -60,6 +60,10 @@ class KeyFilteredSource:
         """The wrapped source's description plus how many keys are retried."""
         return {**self.inner.describe(), "retried_keys": len(self.keys)}
 
+    def input_file_state(self) -> dict[str, int] | None:
+        """The wrapped source's input file state."""
+        return self.inner.input_file_state()
+
 
 def retryable_keys(drops: pa.Table) -> dict[str, str]:
     """key -> reason of the fetch drops a later attempt may cure."""
@@ -113,6 +117,11 @@ def _run_subset(manifest: dict[str, Any], keys: dict[str, str], out: Path, conso
     for override in overrides:
         _apply_override(data, override, file)
     plan = compile_plan(_validate(data, file))
+    recorded, now = (manifest.get("sources") or [{}])[0].get("input_file"), plan.source.input_file_state()
+    if recorded is not None and now is not None and recorded != now:
+        raise RecipeError("the input file changed since this output was made, so its rows may no longer match the "
+                          "dropped keys; re-run the recipe with --overwrite instead", path="source.path",
+                          file=str(getattr(plan.source, "path", "")))
     plan = replace(plan, source=KeyFilteredSource(plan.source, set(keys)))
     return execute(plan, console, address=address, verbose=verbose, progress=progress)
 

@@ -161,44 +161,64 @@ def _append_role_step(loaded: LoadedRecipe, context: StageContext, stages: list[
 def check_output_folder(plan: Plan, overwrite: bool) -> str:
     """Decide what to do with the output folder: 'fresh', 'resume' or 'complete'.
 
-    Raises OutputConflict when it holds another recipe's work and `overwrite` is off.
+    With `overwrite`, whatever the folder holds is deleted and the run starts over. Without it,
+    an output of the same recipe and the same input is resumed (or reported complete), and
+    OutputConflict is raised when the folder holds something else: another recipe's work, work
+    made from an input file that has changed since, or files that are not a curate output.
     """
     layout, sha = plan.layout, plan.loaded.sha256()
     if isinstance(layout.root, Path) and layout.root.exists() and not layout.root.is_dir():
         raise OutputConflict("the output path is an existing file, not a folder; choose another output.path",
                              path="output.path", file=str(layout.root))
-    previous = None
+    if overwrite:
+        if layout.root.exists():
+            _refuse_to_delete_a_precious_folder(plan)
+            storage.remove_tree(layout.root)
+        return "fresh"
     if layout.manifest.exists():
-        previous = _recorded_sha256(layout.manifest, "recipe", "sha256")
+        previous, previous_input = _recorded(layout.manifest, ("recipe", "sha256"), ("sources", 0, "input_file"))
     elif layout.run_info.exists():
-        previous = _recorded_sha256(layout.run_info, "recipe_sha256")
+        previous, previous_input = _recorded(layout.run_info, ("recipe_sha256",), ("input_file",))
     elif layout.root.exists() and any(layout.root.iterdir()):
-        if not overwrite:
-            raise OutputConflict("the output folder exists and is not a curate output; choose another "
-                                 "output.path or pass --overwrite", path="output.path", file=str(layout.root))
-    if previous is not None and previous != sha:
-        if not overwrite:
-            raise OutputConflict(f"the output folder holds the output of a different recipe (sha256 "
-                                 f"{previous[:12]}, this one {sha[:12]}); choose another output.path or pass "
-                                 "--overwrite", path="output.path", file=str(layout.root))
-        previous = None
-    if overwrite and previous is None and layout.root.exists():
-        _refuse_to_delete_a_precious_folder(plan)
-        storage.remove_tree(layout.root)
-    if previous == sha and layout.manifest.exists():
-        return "complete"
-    return "resume" if layout.run_info.exists() else "fresh"
+        raise OutputConflict("the output folder exists and is not a curate output; choose another "
+                             "output.path or pass --overwrite", path="output.path", file=str(layout.root))
+    else:
+        return "fresh"
+    if previous != sha:
+        raise OutputConflict(f"the output folder holds the output of a different recipe (sha256 "
+                             f"{str(previous)[:12]}, this one {sha[:12]}); choose another output.path or pass "
+                             "--overwrite to start over", path="output.path", file=str(layout.root))
+    current_input = plan.source.input_file_state()
+    if previous_input is not None and current_input is not None and previous_input != current_input:
+        raise OutputConflict(f"the input file changed since this output was made (then {_file_state(previous_input)},"
+                             f" now {_file_state(current_input)}); pass --overwrite to start over, or choose another "
+                             "output.path", path="source.path", file=str(getattr(plan.source, "path", "")))
+    return "complete" if layout.manifest.exists() else "resume"
 
 
-def _recorded_sha256(file: Any, *keys: str) -> str:
-    """The recipe sha256 a manifest or run.json records; a file that does not parse records "(unreadable)"."""
+def _file_state(state: dict[str, Any]) -> str:
+    changed = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.get("mtime_ns", 0) / 1e9))
+    return f"{state.get('bytes')} bytes, modified {changed}"
+
+
+def _recorded(file: Any, sha_keys: tuple, input_keys: tuple) -> tuple[str, dict[str, Any] | None]:
+    """The recipe sha256 and the input file state a manifest or run.json records; a file that does not parse
+    records "(unreadable)" and no input state."""
     try:
-        value: Any = read_json(file)
-        for key in keys:
-            value = value.get(key, {})
-    except (ValueError, AttributeError):
-        return "(unreadable)"
-    return value if isinstance(value, str) else "(unreadable)"
+        document: Any = read_json(file)
+    except ValueError:
+        return "(unreadable)", None
+    sha, state = _lookup(document, sha_keys), _lookup(document, input_keys)
+    return (sha if isinstance(sha, str) else "(unreadable)"), (state if isinstance(state, dict) else None)
+
+
+def _lookup(document: Any, keys: tuple) -> Any:
+    for key in keys:
+        if isinstance(key, int):
+            document = document[key] if isinstance(document, list) and len(document) > key else None
+        else:
+            document = document.get(key) if isinstance(document, dict) else None
+    return document
 
 
 def _refuse_to_delete_a_precious_folder(plan: Plan) -> None:
@@ -232,7 +252,8 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
         check_free_disk(plan, warn=lambda text: console.print(f"[bold yellow]warning:[/] {text}", highlight=False))
     started_at, started = time.time(), time.perf_counter()
     layout.work.mkdir(parents=True, exist_ok=True)
-    write_json(layout.run_info, {"recipe_sha256": plan.loaded.sha256(), "recipe": str(plan.loaded.file)})
+    write_json(layout.run_info, {"recipe_sha256": plan.loaded.sha256(), "recipe": str(plan.loaded.file),
+                                 "input_file": plan.source.input_file_state()})
     if state == "resume":
         console.print(f"[yellow]resuming[/] the unfinished run in {layout.root}")
 

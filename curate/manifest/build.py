@@ -146,6 +146,10 @@ def image_counts(files: list[Path]) -> tuple[dict[str, Any], list[int]]:
     return {"total": sum(per_sample), "by_kind": dict(sorted(by_kind.items()))}, per_sample
 
 
+def _input_file(state: dict[str, int] | None) -> dict[str, Any]:
+    return {"input_file": state} if state is not None else {}
+
+
 def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], resources: dict[str, float],
                    stage_stats: list[dict[str, Any]], phase_seconds: dict[str, float],
                    outputs: list[dict[str, Any]], final_files: list[Path], dropped_rows: int,
@@ -181,7 +185,8 @@ def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], r
         "versions": library_versions(),
         "device": {**device, "resources": {k: v for k, v in sorted(resources.items()) if k in ("CPU", "GPU",
                                                                                                 "memory")}},
-        "sources": [redact_data({**plan.source.describe(), "rows": input_rows})],
+        "sources": [redact_data({**plan.source.describe(), "rows": input_rows,
+                                 **_input_file(plan.source.input_file_state())})],
         "stages": stage_stats,
         "phases": [{"name": name, "seconds": round(value, 3)} for name, value in phase_seconds.items()],
         "models": models or [],

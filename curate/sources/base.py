@@ -43,6 +43,16 @@ class Source:
         """What the manifest records about this source (type, path, format, columns)."""
         return {"type": self.name, "params": self.params.model_dump(mode="json")}
 
+    def input_file_state(self) -> dict[str, int] | None:
+        """Size and modification time of the input when it is one local file (None for a folder, a glob or
+        object storage), so that a changed input is noticed before an output made from the old one is
+        resumed or reported complete."""
+        path = getattr(self, "path", None)
+        if not isinstance(path, str) or not os.path.isfile(path):
+            return None
+        stat = os.stat(path)
+        return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
 
 def samples_table(results: list[SampleResult]) -> pa.Table:
     """One SAMPLE_SCHEMA table, with drop_reason / drop_detail, of (sample, reason, detail) results."""
