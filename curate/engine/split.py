@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from typing import Iterator
 
@@ -34,6 +36,18 @@ def _rechunk(batches: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
         yield pa.concat_tables(pending).combine_chunks()
 
 
+@contextlib.contextmanager
+def _fewer_collections(first_generation: int = 50_000):
+    """Run the cyclic garbage collector less often: a source builds millions of short-lived dicts, and
+    the default threshold (a collection every 700 allocations) made about half of the split's time."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(max(first_generation, thresholds[0]), *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+
+
 def split_source(source: Source, layout: RunLayout, rows_per_shard: int) -> dict:
     """Write the source's rows as work shards under _work/input/; return the split summary.
 
@@ -47,15 +61,16 @@ def split_source(source: Source, layout: RunLayout, rows_per_shard: int) -> dict
     totals = StageStats()
     shards = 0
     read_rows = max(1, min(rows_per_shard, 8192))
-    for shard, table in enumerate(_rechunk(source.iter_batches(read_rows), rows_per_shard)):
-        table = redact_sample_urls(table)  # a URL's password never reaches work shards, shards or drop logs
-        kept, drops = split_drops(table, SOURCE_STAGE)
-        write_table(layout.shard_file(INPUT_PHASE, shard), kept)
-        write_table(layout.drops_file(INPUT_PHASE, shard), drops)
-        totals.rows_in += table.num_rows
-        totals.rows_out += kept.num_rows
-        totals.dropped.update(drops.column("reason").to_pylist())
-        shards += 1
+    with _fewer_collections():
+        for shard, table in enumerate(_rechunk(source.iter_batches(read_rows), rows_per_shard)):
+            table = redact_sample_urls(table)  # a URL's password never reaches work shards, shards or drop logs
+            kept, drops = split_drops(table, SOURCE_STAGE)
+            write_table(layout.shard_file(INPUT_PHASE, shard), kept)
+            write_table(layout.drops_file(INPUT_PHASE, shard), drops)
+            totals.rows_in += table.num_rows
+            totals.rows_out += kept.num_rows
+            totals.dropped.update(drops.column("reason").to_pylist())
+            shards += 1
     if shards == 0:  # an empty input still gets one (empty) work shard so every phase has a file
         write_table(layout.shard_file(INPUT_PHASE, 0), schema.empty_table())
         write_table(layout.drops_file(INPUT_PHASE, 0), schema.empty_table(schema.DROP_SCHEMA))

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -297,23 +297,27 @@ class UrlListSource(Source):
 
     # -- building samples ----------------------------------------------------
 
-    def _extras(self, record: dict[str, Any]) -> dict[str, Any]:
+    def _extras_of(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """A function giving a record's extra columns (those carried into `meta`)."""
         p = self.params
         if p.extra_columns != "all":
-            return {name: record.get(name) for name in p.extra_columns}
+            names = list(p.extra_columns)
+            return lambda record: {name: record.get(name) for name in names}
         used = {p.url_column, p.caption_column, p.license_column}
-        return {k: v for k, v in record.items() if k not in used and not _PANDAS_INDEX.match(k)}
+        return lambda record: {k: v for k, v in record.items() if k not in used and not _PANDAS_INDEX.match(k)}
 
     def _samples(self, rows: list[_Row]) -> pa.Table:
         samples, reasons, details = [], [], []
+        dataset, extras_of = self.dataset, self._extras_of()
         for row in rows:
-            sample, reason, detail = self._sample(row)
+            sample, reason, detail = self._sample(row, dataset, extras_of)
             samples.append(sample)
             reasons.append(reason)
             details.append(detail)
         return with_drops(from_rows(samples), reasons, details)
 
-    def _sample(self, row: _Row) -> tuple[dict[str, Any], str | None, str | None]:
+    def _sample(self, row: _Row, dataset: str,
+                extras_of: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[dict[str, Any], str | None, str | None]:
         """One row as a sample dict, plus its drop reason and detail (None when kept)."""
         p = self.params
         record = row.record or {}
@@ -321,12 +325,12 @@ class UrlListSource(Source):
         url = raw_url.strip() if raw_url is not None else None
         url = url or None
         caption = _text(record.get(p.caption_column)) if p.caption_column else None
-        extras = self._extras(record)
+        extras = extras_of(record)
         segments = [{"image": 0, "text": None}]
         if p.caption_column:
             segments.append({"text": caption, "image": None})
         sample = {
-            "key": sample_key(self.dataset, row.index, url),
+            "key": sample_key(dataset, row.index, url),
             "kind": "pair",
             "images": [{"bytes": None, "path": None}],
             "image_meta": [{"url": url}],
@@ -335,7 +339,7 @@ class UrlListSource(Source):
             "scores": None,
             "roles": [],
             "source": {
-                "dataset": self.dataset,
+                "dataset": dataset,
                 "id": str(row.index),
                 "url": url,
                 "license": _text(record.get(p.license_column)) if p.license_column else None,
