@@ -169,9 +169,15 @@ def redact_drop_table(table: pa.Table) -> pa.Table:
     if "url" in table.schema.names and _any_userinfo(table.column("url")):
         table = _replace(table, "url", [redact_url(url) for url in table.column("url").to_pylist()])
     if "detail" in table.schema.names:
-        details = table.column("detail").to_pylist()
+        # Details repeat a lot (one host's failure is the detail of all its rows): mask each distinct text once.
+        details = table.column("detail")
+        distinct = pc.unique(details)
+        texts = distinct.to_pylist()
         env = environment_secrets()
-        redacted = [redact_text(detail, env) for detail in details]
-        if redacted != details:
-            table = _replace(table, "detail", redacted)
+        redacted = [redact_text(text, env) for text in texts]
+        if redacted != texts:
+            positions = pc.index_in(details, value_set=distinct, skip_nulls=False)
+            field = table.schema.field("detail")
+            table = table.set_column(table.schema.get_field_index("detail"), field,
+                                     pa.array(redacted, type=field.type).take(positions))
     return table

@@ -119,6 +119,17 @@ def test_sample_and_drop_tables_lose_url_passwords_and_keep_everything_else():
     assert row["url"] == "http://u:***@h/a.jpg" and "secretpw" not in row["detail"]
 
 
+def test_drop_details_are_masked_row_by_row_when_they_repeat():
+    details = ["robots.txt of http://h unreachable", None, "GET http://h/x?token=abcdefgh123: 403",
+               "robots.txt of http://h unreachable", "GET http://h/x?token=abcdefgh123: 403", None, "plain 404"]
+    drops = pa.Table.from_pylist([{"key": f"{n:016d}", "url": "http://h/x", "stage": "fetch", "reason": "r",
+                                   "detail": detail} for n, detail in enumerate(details)], schema=DROP_SCHEMA)
+    masked = redact_drop_table(drops).column("detail").to_pylist()
+    assert masked == [redact_text(detail) for detail in details]
+    assert masked[2] == masked[4] and "abcdefgh123" not in masked[2] and "token=***" in masked[2]
+    assert masked[1] is None and masked[6] == "plain 404"
+
+
 # --------------------------------------------------------------------------- a run through the command line
 
 
