@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 
 from curate.files import read_json, sha256_file, write_json, write_table
-from curate.manifest.build import caption_variant_counts, field_statistics, image_counts, role_counts, summarize
+from curate.manifest.build import caption_variant_counts, field_statistics, image_counts, role_counts
 from curate.manifest.validate import validate_manifest
 from curate.stage import RecipeError
 
@@ -171,7 +171,7 @@ def _merged_manifest(manifest: dict[str, Any], sub: dict[str, Any], keys: dict[s
         roles = manifest["recipe"]["resolved"].get("roles") or {}
         merged["roles"] = role_counts(files, [name for name, role in roles.items() if role])
         merged["captions"] = caption_variant_counts(files)
-        merged["statistics"] = {**field_statistics(files), "images_per_sample": summarize(per_sample)}
+        merged["statistics"] = {**field_statistics(files), "images_per_sample": per_sample.to_json()}
     rows_by_format = {name: sum(s["rows"] for s in shards if s["format"] == name)
                       for name in manifest["outputs"]["formats"]}
     output_rows = merged["outputs"]["rows"]

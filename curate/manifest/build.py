@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from curate import schema, storage
 from curate.files import RunLayout, sha256_file
+from curate.manifest.summary import ValueSummary, reason_counts
 from curate.manifest.validate import validate_manifest
 from curate.redact import redact_data
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 MANIFEST_VERSION = 1
 LIBRARIES = ("curate", "ray", "pyarrow", "pillow", "datasets", "webdataset", "numpy", "pydantic", "urllib3",
              "torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "huggingface_hub")
-QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
 
 def library_versions() -> dict[str, str]:
@@ -39,39 +39,29 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def summarize(values: list[float]) -> dict[str, Any]:
-    """Count, mean and quantiles of `values` (nulls removed beforehand)."""
-    if not values:
-        return {"count": 0}
-    array = np.asarray(values, dtype=np.float64)
-    return {
-        "count": int(array.size),
-        "mean": round(float(array.mean()), 4),
-        "quantiles": {f"p{int(q * 100)}": round(float(np.quantile(array, q)), 4) for q in QUANTILES},
-    }
-
-
 def field_statistics(files: list[Path]) -> dict[str, Any]:
-    """Quantiles of the main numeric fields over the kept samples in `files`."""
-    columns: dict[str, list[float]] = {name: [] for name in (
+    """Quantiles of the main numeric fields over the kept samples in `files` (bounded memory: ValueSummary)."""
+    columns = {name: ValueSummary() for name in (
         "width", "height", "original_width", "original_height", "num_bytes", "caption_chars", "caption_words",
         "clip_score", "aesthetic", "clip_direction", "nsfw", "watermark")}
     for file in files:
-        table = storage.read_table(file, columns=["image_meta", "captions", "scores"])
-        if table.num_rows == 0:
-            continue
-        flat = pc.list_flatten(table.column("image_meta"))
-        for name in ("width", "height", "original_width", "original_height", "num_bytes"):
-            columns[name].extend(v for v in pc.struct_field(flat, name).to_pylist() if v is not None)
-        for captions in table.column("captions").to_pylist():
-            text = schema.caption_text(captions)
-            if text is not None:
-                columns["caption_chars"].append(len(text))
-                columns["caption_words"].append(len(text.split()))
-        for score in ("clip_score", "aesthetic", "clip_direction", "nsfw", "watermark"):
-            values = pc.struct_field(table.column("scores"), score).to_pylist()
-            columns[score].extend(v for v in values if v is not None)
-    return {name: summarize(values) for name, values in columns.items() if values}
+        for batch in storage.parquet_file(file).iter_batches(columns=["image_meta", "captions", "scores"]):
+            if batch.num_rows == 0:
+                continue
+            flat = pc.list_flatten(batch.column("image_meta"))
+            for name in ("width", "height", "original_width", "original_height", "num_bytes"):
+                columns[name].add(pc.struct_field(flat, name))
+            chars, words = [], []
+            for captions in batch.column("captions").to_pylist():
+                text = schema.caption_text(captions)
+                if text is not None:
+                    chars.append(len(text))
+                    words.append(len(text.split()))
+            columns["caption_chars"].add(chars)
+            columns["caption_words"].add(words)
+            for score in ("clip_score", "aesthetic", "clip_direction", "nsfw", "watermark"):
+                columns[score].add(pc.struct_field(batch.column("scores"), score))
+    return {name: summary.to_json() for name, summary in columns.items() if summary.count}
 
 
 def _kinds(files: list[Path]) -> dict[str, int]:
@@ -132,18 +122,18 @@ def _image_path_leaf(parquet: pq.ParquetFile) -> str:
     return next(path for path in paths if path.startswith("images.") and path.endswith(".path"))
 
 
-def image_counts(files: list[Path]) -> tuple[dict[str, Any], list[int]]:
-    """Images in the output (total and per kind, counted apart from samples) and the count of each sample."""
+def image_counts(files: list[Path]) -> tuple[dict[str, Any], ValueSummary]:
+    """Images in the output (total and per kind, counted apart from samples) and the summary of images per sample."""
     by_kind: Counter = Counter()
-    per_sample: list[int] = []
+    per_sample = ValueSummary()
     for file in files:
         parquet = storage.parquet_file(file)
-        table = parquet.read(columns=["kind", _image_path_leaf(parquet)])
-        counts = pc.fill_null(pc.list_value_length(table.column("images")), 0).to_pylist()
-        per_sample.extend(counts)
-        for kind, count in zip(table.column("kind").to_pylist(), counts):
-            by_kind[kind] += count
-    return {"total": sum(per_sample), "by_kind": dict(sorted(by_kind.items()))}, per_sample
+        for batch in parquet.iter_batches(columns=["kind", _image_path_leaf(parquet)]):
+            counts = pc.fill_null(pc.list_value_length(batch.column(1)), 0)
+            per_sample.add(counts)
+            for kind, count in zip(batch.column(0).to_pylist(), counts.to_pylist()):
+                by_kind[kind] += count
+    return {"total": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items()))}, per_sample
 
 
 def _input_file(state: dict[str, int] | None) -> dict[str, Any]:
@@ -162,7 +152,6 @@ def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], r
     rows_by_format = {name: sum(f["rows"] for f in shards if f["format"] == name) for name in formats}
     output_rows = rows_by_format[formats[0]] if formats else 0
     input_rows = source_stats["rows_in"]
-    drops = storage.read_table(layout.drops, columns=["reason"]).column("reason").to_pylist()
     images, images_per_sample = image_counts(final_files)
     reconciliation = {
         "input_rows": input_rows,
@@ -200,10 +189,10 @@ def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], r
             "path": layout.drops.name,
             "rows": dropped_rows,
             "sha256": sha256_file(layout.drops),
-            "by_reason": dict(sorted(Counter(drops).items())),
+            "by_reason": reason_counts(layout.drops),
         },
         "schema": schema.describe(),
-        "statistics": {**field_statistics(final_files), "images_per_sample": summarize(images_per_sample)},
+        "statistics": {**field_statistics(final_files), "images_per_sample": images_per_sample.to_json()},
         "reconciliation": reconciliation,
     }
     validate_manifest(manifest)
