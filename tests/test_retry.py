@@ -157,3 +157,14 @@ def test_retry_refuses_when_the_input_file_changed(finished_run):
         retry(output, Console(file=io.StringIO()))
     assert sum(route.hits for route in server.routes.values()) == hits  # nothing was fetched
     assert json.loads((output / "manifest.json").read_text()) == manifest
+
+
+def test_retryable_keys_are_only_fetch_drops_with_a_retryable_reason():
+    from curate.engine.retry import retryable_keys
+    from curate.schema import DROP_SCHEMA
+
+    rows = [("a", "fetch", "timeout"), ("b", "fetch", "http_404"), ("c", "basic_filter", "timeout"),
+            ("d", "fetch", "http_5xx"), ("e", "fetch", None), ("f", "fetch", "http_429")]
+    drops = pa.Table.from_pylist([{"key": key, "url": None, "stage": stage, "reason": reason, "detail": None}
+                                  for key, stage, reason in rows], schema=DROP_SCHEMA)
+    assert retryable_keys(drops) == {"a": "timeout", "d": "http_5xx", "f": "http_429"}

@@ -69,11 +69,10 @@ def retryable_keys(drops: pa.Table) -> dict[str, str]:
     """key -> reason of the fetch drops a later attempt may cure."""
     from curate.fetch.reasons import RETRYABLE
 
-    keys = {}
-    for row in drops.select(["key", "stage", "reason"]).to_pylist():
-        if row["stage"] == FETCH_STAGE and row["reason"] in RETRYABLE:
-            keys[row["key"]] = row["reason"]
-    return keys
+    wanted = pc.and_(pc.equal(drops.column("stage"), FETCH_STAGE),
+                     pc.is_in(drops.column("reason"), value_set=pa.array(sorted(RETRYABLE), pa.string())))
+    chosen = drops.select(["key", "reason"]).filter(pc.fill_null(wanted, False))
+    return dict(zip(chosen.column("key").to_pylist(), chosen.column("reason").to_pylist()))
 
 
 def retry(output: Path, console: Console, overrides: list[str] | None = None, address: str | None = None,
@@ -157,9 +156,10 @@ def _merged_manifest(manifest: dict[str, Any], sub: dict[str, Any], keys: dict[s
     recovered = sub["outputs"]["rows"]
     merged["stages"] = _merged_stages(manifest["stages"], sub["stages"], keys)
     merged["outputs"] = {**manifest["outputs"], "rows": manifest["outputs"]["rows"] + recovered, "shards": shards}
-    reasons = drops.column("reason").to_pylist()
+    counted = pc.value_counts(drops.column("reason").combine_chunks()) if drops.num_rows else None
+    by_reason = dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())) if counted else {}
     merged["drop_log"] = {**manifest["drop_log"], "rows": drops.num_rows, "sha256": sha256_file(drops_file),
-                          "by_reason": dict(sorted(Counter(reasons).items()))}
+                          "by_reason": dict(sorted(by_reason.items()))}
     kinds = Counter(manifest.get("kinds", {}))
     kinds.update(sub.get("kinds", {}))
     merged["kinds"] = dict(sorted(kinds.items()))
