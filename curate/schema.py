@@ -150,19 +150,25 @@ def caption_text(captions: list[dict] | None, prefer: Iterable[str] = ("alt",)) 
     return captions[0]["text"]
 
 
-@functools.lru_cache(maxsize=1)
-def hf_features_metadata() -> bytes:
-    """The `huggingface` schema metadata that makes `datasets` read `images` as Image features."""
+def with_image_features(arrow_schema: pa.Schema, column: str = "images") -> pa.Schema:
+    """`arrow_schema` with the `huggingface` metadata that makes `datasets` read `column` as a list of Image."""
     import datasets  # heavy import, only needed when writing Parquet
 
-    features = datasets.Features.from_arrow_schema(SAMPLE_SCHEMA)
-    features["images"] = datasets.List(datasets.Image())
-    return json.dumps({"info": {"features": features.to_dict()}}, sort_keys=True).encode()
+    features = datasets.Features.from_arrow_schema(arrow_schema)
+    features[column] = datasets.List(datasets.Image())
+    metadata = json.dumps({"info": {"features": features.to_dict()}}, sort_keys=True).encode()
+    return arrow_schema.with_metadata({b"huggingface": metadata})
 
 
+@functools.lru_cache(maxsize=1)
 def parquet_schema() -> pa.Schema:
     """SAMPLE_SCHEMA with the Hugging Face features metadata attached."""
-    return SAMPLE_SCHEMA.with_metadata({b"huggingface": hf_features_metadata()})
+    return with_image_features(SAMPLE_SCHEMA)
+
+
+def hf_features_metadata() -> bytes:
+    """The `huggingface` schema metadata that makes `datasets` read `images` as Image features."""
+    return parquet_schema().metadata[b"huggingface"]
 
 
 def describe() -> list[dict[str, str]]:

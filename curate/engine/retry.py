@@ -29,6 +29,7 @@ from rich.console import Console
 
 from curate.files import read_json, sha256_file, write_json, write_table
 from curate.manifest.build import caption_variant_counts, field_statistics, image_counts, role_counts
+from curate.manifest.summary import reason_counts
 from curate.manifest.validate import validate_manifest
 from curate.stage import RecipeError
 
@@ -156,10 +157,8 @@ def _merged_manifest(manifest: dict[str, Any], sub: dict[str, Any], keys: dict[s
     recovered = sub["outputs"]["rows"]
     merged["stages"] = _merged_stages(manifest["stages"], sub["stages"], keys)
     merged["outputs"] = {**manifest["outputs"], "rows": manifest["outputs"]["rows"] + recovered, "shards": shards}
-    counted = pc.value_counts(drops.column("reason").combine_chunks()) if drops.num_rows else None
-    by_reason = dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())) if counted else {}
     merged["drop_log"] = {**manifest["drop_log"], "rows": drops.num_rows, "sha256": sha256_file(drops_file),
-                          "by_reason": dict(sorted(by_reason.items()))}
+                          "by_reason": reason_counts(drops_file)}
     kinds = Counter(manifest.get("kinds", {}))
     kinds.update(sub.get("kinds", {}))
     merged["kinds"] = dict(sorted(kinds.items()))

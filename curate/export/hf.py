@@ -17,7 +17,6 @@ features from the files' `huggingface` schema metadata.
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -49,16 +48,6 @@ HF_SCHEMA = pa.schema([
 ])
 
 
-def hf_schema() -> pa.Schema:
-    """HF_SCHEMA with the `huggingface` metadata that makes `datasets` read `images` as a list of Image."""
-    import datasets
-
-    features = datasets.Features.from_arrow_schema(HF_SCHEMA)
-    features["images"] = datasets.List(datasets.Image())
-    metadata = json.dumps({"info": {"features": features.to_dict()}}, sort_keys=True)
-    return HF_SCHEMA.with_metadata({b"huggingface": metadata.encode()})
-
-
 class HfExporter(Exporter):
     """Samples of every kind into `data/part-NNNNN.parquet`."""
 
@@ -66,8 +55,8 @@ class HfExporter(Exporter):
 
     def __init__(self, context: ExportContext):
         super().__init__(context)
-        self.shards = ParquetShards(context.root, "data", hf_schema(), context.options.shard_rows,
-                                    context.options.row_group_rows)
+        self.shards = ParquetShards(context.root, "data", schema.with_image_features(HF_SCHEMA),
+                                    context.options.shard_rows, context.options.row_group_rows)
 
     def prepare(self, row: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
         """One row, its size and image count; Skip for a pair without caption or a broken image."""

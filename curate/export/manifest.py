@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 from curate.export.base import Exporter, ExportOptions
 from curate.export.common import ExportPolicy, SourceOutput
 from curate.export.shards import FileEntry
+from curate.manifest.build import package_versions
 
 EXPORT_VERSION = 1
 MANIFEST_FILE = "export.json"
@@ -74,10 +74,4 @@ def build_manifest(fmt: str, policy: ExportPolicy, options: ExportOptions, sourc
 
 def versions() -> dict[str, str]:
     """Versions of the libraries whose output bytes the export depends on."""
-    found = {}
-    for name in VERSIONED:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
+    return package_versions(VERSIONED)

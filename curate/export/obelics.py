@@ -35,16 +35,6 @@ OBELICS_SCHEMA = pa.schema([
 ])
 
 
-def obelics_schema() -> pa.Schema:
-    """OBELICS_SCHEMA with Hugging Face features metadata (`images` decoded as a list of Image)."""
-    import datasets
-
-    features = datasets.Features.from_arrow_schema(OBELICS_SCHEMA)
-    features["images"] = datasets.List(datasets.Image())
-    metadata = json.dumps({"info": {"features": features.to_dict()}}, sort_keys=True)
-    return OBELICS_SCHEMA.with_metadata({b"huggingface": metadata.encode()})
-
-
 class ObelicsExporter(Exporter):
     """Documents into Parquet files of `shard_rows` rows."""
 
@@ -52,8 +42,8 @@ class ObelicsExporter(Exporter):
 
     def __init__(self, context: ExportContext):
         super().__init__(context)
-        self.shards = ParquetShards(context.root, "data", obelics_schema(), context.options.shard_rows,
-                                    context.options.row_group_rows)
+        self.shards = ParquetShards(context.root, "data", schema.with_image_features(OBELICS_SCHEMA),
+                                    context.options.shard_rows, context.options.row_group_rows)
 
     def prepare(self, row: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
         """One OBELICS row, its size in bytes and its image count."""

@@ -543,18 +543,19 @@ def _read_body(response: urllib3.BaseHTTPResponse, outcome: _Outcome, mode: _Mod
             # Length known and within max_bytes: one read into one buffer, half the CPU of a chunked copy.
             chunks = [response.read(decode_content=False)]
             total = len(chunks[0])
-        for chunk in () if chunks else response.stream(CHUNK_SIZE, decode_content=True):
-            total += len(chunk)
-            if total > mode.max_bytes:
-                response.close()
-                if mode.robots_txt:
-                    chunks.append(chunk[: len(chunk) - (total - mode.max_bytes)])
-                    outcome.body = b"".join(chunks)
+        else:
+            for chunk in response.stream(CHUNK_SIZE, decode_content=True):
+                total += len(chunk)
+                if total > mode.max_bytes:
+                    response.close()
+                    if mode.robots_txt:
+                        chunks.append(chunk[: len(chunk) - (total - mode.max_bytes)])
+                        outcome.body = b"".join(chunks)
+                        return outcome
+                    outcome.reason = reasons.TOO_LARGE
+                    outcome.detail = f"body exceeds max_bytes {mode.max_bytes}"
                     return outcome
-                outcome.reason = reasons.TOO_LARGE
-                outcome.detail = f"body exceeds max_bytes {mode.max_bytes}"
-                return outcome
-            chunks.append(chunk)
+                chunks.append(chunk)
     except ReadTimeoutError:
         outcome.reason, outcome.detail, outcome.retryable = reasons.TIMEOUT, "read timeout in body", True
         return outcome

@@ -55,7 +55,7 @@ WHITE = (255, 255, 255)
 # until that thread allocates again: decoded on each of 16-32 download threads, they kept
 # hundreds of MiB per process resident (free but not returned). So images are decoded on a
 # small pool of threads, one per CPU, whose heaps reuse that memory image after image.
-_CPUS = int(os.environ.get("CURATE_DECODE_THREADS", 0)) or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _on_decode_thread = threading.local()

@@ -28,15 +28,20 @@ LIBRARIES = ("curate", "ray", "pyarrow", "pillow", "datasets", "webdataset", "nu
              "torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "huggingface_hub")
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of curate and the libraries that shape its output."""
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
+def package_versions(names: Iterable[str]) -> dict[str, str]:
+    """Installed versions of the packages `names` (those not installed are left out)."""
+    found = {}
+    for name in names:
         try:
-            versions[name] = metadata.version(name)
+            found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    return versions
+    return found
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of Python, curate and the libraries that shape its output."""
+    return {"python": platform.python_version(), **package_versions(LIBRARIES)}
 
 
 def field_statistics(files: list[Path]) -> dict[str, Any]:

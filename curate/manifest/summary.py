@@ -75,13 +75,6 @@ class ValueSummary:
         return {"count": self.count, "mean": round(self.total / self.count, 4), "quantiles": quantiles}
 
 
-def summarize(values: Any) -> dict[str, Any]:
-    """The `ValueSummary.to_json()` of `values` (nulls removed)."""
-    summary = ValueSummary()
-    summary.add(values)
-    return summary.to_json()
-
-
 def reason_counts(drop_log: Any) -> dict[str, int]:
     """Rows per drop reason of a drop log Parquet file, read one record batch at a time."""
     counts: Counter = Counter()
