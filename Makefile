@@ -7,9 +7,10 @@ STAMP := $(VENV)/.curate-installed
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --upgrade --no-deps --target $(VENV)/open_clip_train_deps 'webdataset==0.2.86'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -93,6 +93,58 @@ DROP_SCHEMA = pa.schema(
     ]
 )
 
+# The `.json` member of every WebDataset sample (run outputs and `curate export --to wds`):
+# img2dataset's flat fields, then curate's own. Every field is present in every sample with
+# this type; an absent value is the type's empty value (EMPTY_*), never null, so readers that
+# infer types from the first samples (`datasets`) read every later sample too. Variable
+# structures (caption variants, roles, meta) are JSON strings, as `exif` is in img2dataset.
+# Field by field: docs/architecture.md, "The WebDataset .json record".
+EMPTY_SCORE = -1.0  # a score the run did not compute for the sample
+EMPTY_SEGMENT_IMAGE = -1  # segments[].image of a text segment
+
+WDS_IMAGE_META = pa.struct(
+    [
+        ("url", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("original_width", pa.int64()),
+        ("original_height", pa.int64()),
+        ("sha256", pa.string()),
+        ("format", pa.string()),
+        ("original_format", pa.string()),
+        ("num_bytes", pa.int64()),
+        ("original_num_bytes", pa.int64()),
+        ("pixel_sha256", pa.string()),
+        ("phash", pa.string()),  # 16 hex digits (the int64 of Parquet, unsigned)
+    ]
+)
+
+WDS_RECORD_SCHEMA = pa.schema(
+    [
+        # img2dataset's fields, with img2dataset's meanings
+        ("key", pa.string()),
+        ("uid", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("original_width", pa.int64()),
+        ("original_height", pa.int64()),
+        ("sha256", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        # curate's own
+        ("kind", pa.string()),
+        ("captions", pa.string()),  # JSON object: variant name -> text
+        ("scores", pa.struct([(field.name, pa.float64()) for field in SCORES])),
+        ("roles", pa.string()),  # JSON array of role names
+        ("source", pa.struct([(field.name, pa.string()) for field in SOURCE])),
+        ("meta", pa.string()),  # JSON, as in Parquet
+        ("image_meta", pa.list_(WDS_IMAGE_META)),
+        ("segments", pa.list_(pa.struct([("text", pa.string()), ("image", pa.int64())]))),
+    ]
+)
+
 # Columns a stage may set on a batch to drop rows; the engine moves such rows to
 # the drop log and strips these columns before anything is written.
 DROP_REASON = "drop_reason"

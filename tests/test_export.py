@@ -234,7 +234,7 @@ def test_wds_writes_only_pairs_each_with_jpg_json_txt(mixed, rows_by_key, tmp_pa
             assert decoded(members[f"{key}.jpg"]).format == "JPEG"
             assert members[f"{key}.txt"].decode() == row["captions"][0]["text"]  # alt, the default caption
             record = json.loads(members[f"{key}.json"])
-            assert record["caption"] == "alt" and record["key"] == key
+            assert record["caption"] == members[f"{key}.txt"].decode() and record["key"] == key
             if key != PNG_KEY:  # stored JPEG, no resolution: the stored bytes as they are
                 assert members[f"{key}.jpg"] == row["images"][0]["bytes"]
         seen += keys

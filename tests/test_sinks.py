@@ -200,11 +200,12 @@ def test_webdataset_reads_back_with_webdataset(tmp_path):
         assert sample["jpg"].size == (32 + i, 24 + i)
         assert sample["txt"] == f"caption {i} ü"
         record = sample["json"]
-        assert record["captions"] == {"alt": f"caption {i} ü", "recap": f"recaption {i}"}
-        assert record["meta"] == {"row": i}
-        assert record["image_meta"][0]["width"] == 32 + i
+        assert json.loads(record["captions"]) == {"alt": f"caption {i} ü", "recap": f"recaption {i}"}
+        assert record["caption"] == sample["txt"]
+        assert json.loads(record["meta"]) == {"row": i}
+        assert record["image_meta"][0]["width"] == record["width"] == 32 + i
         assert record["kind"] == "pair" and record["key"] == sample["__key__"]
-        assert set(record) == {"key", "kind", "captions", "image_meta", "scores", "roles", "source", "meta"}
+        assert set(record) == set(schema.WDS_RECORD_SCHEMA.names)
         assert '"bytes"' not in json.dumps(record)
 
 
@@ -332,7 +333,9 @@ def test_webdataset_multi_image_samples_as_members(tmp_path, kind, text):
     assert sample["__key__"] == key
     assert sample["1.jpg"].size == (8, 8)
     assert sample["txt"] == text
-    assert [s["image"] for s in sample["json"]["segments"]] == [None, 0, None, 1]
+    assert [s["image"] for s in sample["json"]["segments"]] == [schema.EMPTY_SEGMENT_IMAGE, 0,
+                                                                schema.EMPTY_SEGMENT_IMAGE, 1]
+    assert [s["text"] for s in sample["json"]["segments"]] == ["first part", "", "second part", ""]
 
 
 def test_webdataset_count_rows_counts_keys(tmp_path):

@@ -22,6 +22,7 @@ from curate.demo.web import COLOURS, SHAPES, Scene, draw_scene
 from curate.engine.run import compile_plan, execute
 from curate.recipe import load_recipe
 from curate.sinks.parquet import ParquetSink
+from curate.sinks.wds_record import row_from_record
 from curate.sinks.webdataset import WebDatasetSink, packed_features
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,10 +92,20 @@ def write_tar(path: Path, rows: list[dict], **params) -> int:
     return WebDatasetSink(WebDatasetSink.Params(**params)).write([schema.from_rows(rows)], str(path))
 
 
-def packed_record(row: dict) -> dict:
-    """What the packed `.json` must hold: the Parquet row without images and embeddings."""
+def stored_row(row: dict) -> dict:
+    """`row` as Parquet stores it, without embeddings; NaN scores read as not computed."""
     stored = schema.from_rows([row]).to_pylist()[0]
-    return {k: v for k, v in stored.items() if k not in ("images", "embeddings")}
+    del stored["embeddings"]
+    if stored["scores"] is not None:
+        stored["scores"] = {k: None if v is None or np.isnan(v) else v for k, v in stored["scores"].items()}
+        if all(v is None for v in stored["scores"].values()):
+            stored["scores"] = None
+    return stored
+
+
+def rebuilt(record: dict, images: list[bytes]) -> dict:
+    """The sample row a `.json` record and the image bytes stand for."""
+    return row_from_record(record, images)
 
 
 def load_hf_webdataset(path: Path | list[str], tmp_path: Path, **kwargs) -> datasets.Dataset:
@@ -122,7 +133,8 @@ def test_sixth_sample_with_more_images_reads_back_whole(tmp_path, kind):
         assert hf_sample["__key__"] == wds_sample["__key__"] == row["key"]
         assert hf_sample["images.mp"] == written
         assert wds_sample["images.mp"] == written
-        assert hf_sample["json"] == packed_record(row) == wds_sample["json"]
+        assert hf_sample["json"] == wds_sample["json"]
+        assert rebuilt(wds_sample["json"], written) == stored_row(row)
         texts = [s["text"] for s in row["segments"] if s["text"]]
         expected_text = "\n\n".join(texts) if kind == "interleaved" else texts[0]
         assert hf_sample["txt"] == wds_sample["txt"] == expected_text
@@ -166,36 +178,41 @@ def test_auto_layout_refuses_mixed_kinds_and_packed_takes_them(tmp_path):
     assert WebDatasetSink(WebDatasetSink.Params()).count_rows(str(path)) == 4
 
 
-def test_packed_features_read_fields_first_set_after_the_fifth_sample(tmp_path):
+def test_fields_first_set_after_the_fifth_sample_read_with_and_without_features(tmp_path):
     rows = [multi_image_sample(i, "edit", 2) for i in range(6)]
     rows[5]["captions"] = [{"name": "source", "text": "a drawing"}]
     rows[5]["source"]["license"] = "cc-by-4.0"
     rows[5]["scores"] = {"clip_direction": 0.25}
+    rows[5]["roles"] = ["editing"]
     path = tmp_path / "shard.tar"
     write_tar(path, rows)
-    from_hf = load_hf_webdataset(path, tmp_path, features=packed_features())
-    assert len(from_hf) == 6
-    assert from_hf[5]["json"]["captions"] == [{"name": "source", "text": "a drawing"}]
-    assert from_hf[5]["json"]["source"]["license"] == "cc-by-4.0"
-    assert from_hf[5]["json"]["scores"]["clip_direction"] == pytest.approx(0.25)
-    assert [s["images.mp"] for s in from_hf] == [[i["bytes"] for i in row["images"]] for row in rows]
+    inferred = load_hf_webdataset(path, tmp_path / "inferred")
+    declared = load_hf_webdataset(path, tmp_path / "declared", features=packed_features())
+    assert inferred.features == declared.features
+    for from_hf in (inferred, declared):
+        assert len(from_hf) == 6
+        sixth = rebuilt(from_hf[5]["json"], from_hf[5]["images.mp"])
+        assert sixth["captions"] == [{"name": "source", "text": "a drawing"}]
+        assert sixth["source"]["license"] == "cc-by-4.0"
+        assert sixth["roles"] == ["editing"]
+        assert sixth["scores"]["clip_direction"] == pytest.approx(0.25)
+        assert from_hf[0]["json"]["scores"]["clip_direction"] == schema.EMPTY_SCORE
+        assert [s["images.mp"] for s in from_hf] == [[i["bytes"] for i in row["images"]] for row in rows]
 
 
-def test_packed_json_equals_the_parquet_row_without_image_bytes(tmp_path):
+def test_packed_json_stands_for_the_parquet_row_without_image_bytes(tmp_path):
     rows = [multi_image_sample(i, "edit", 2 + i) for i in range(3)]
     rows[1]["scores"] = {"clip_score": float("nan"), "clip_direction": 0.5}
     ParquetSink(ParquetSink.Params()).write([schema.from_rows(rows)], str(tmp_path / "shard.parquet"))
     write_tar(tmp_path / "shard.tar", rows)
     parquet_rows = pq.read_table(tmp_path / "shard.parquet").to_pylist()
     with tarfile.open(tmp_path / "shard.tar") as tar:
-        for stored in parquet_rows:
+        for row, stored in zip(rows, parquet_rows):
             record = json.loads(tar.extractfile(f"{stored['key']}.json").read())
             images = msgpack.unpackb(tar.extractfile(f"{stored['key']}.images.mp").read())
             assert images == [image["bytes"] for image in stored["images"]]
-            expected = {k: v for k, v in stored.items() if k not in ("images", "embeddings")}
-            if stored["scores"] is not None and np.isnan(stored["scores"]["clip_score"]):
-                expected["scores"] = {**stored["scores"], "clip_score": None}
-            assert record == expected
+            assert rebuilt(record, images) == stored_row(row)
+    assert parquet_rows[1]["scores"]["clip_direction"] == 0.5
 
 
 def test_packed_sample_without_image_bytes_is_refused(tmp_path):
@@ -268,8 +285,8 @@ def test_engine_writes_chains_that_every_reader_gets_whole(chain_run, tmp_path):
     for stored, hf_sample, wds_sample in zip(parquet, from_hf, from_wds):
         written = [image["bytes"] for image in stored["images"]]
         assert hf_sample["images.mp"] == wds_sample["images.mp"] == written
-        assert hf_sample["json"] == wds_sample["json"] == {k: v for k, v in stored.items()
-                                                           if k not in ("images", "embeddings")}
+        assert hf_sample["json"] == wds_sample["json"]
+        assert rebuilt(wds_sample["json"], written) == stored_row(stored)
 
     chain = parquet[5]
     session = [r for r in rows if r["img_id"] == "900005"]

@@ -15,6 +15,7 @@ lists every retry. Corpus-wide stages (dedup, top fraction) see the retried rows
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import time
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rich.console import Console
 
+from curate.engine.write import finish_outputs, sinks_of
 from curate.files import read_json, sha256_file, write_json, write_table
 from curate.manifest.build import caption_variant_counts, field_statistics, image_counts, role_counts
 from curate.manifest.summary import reason_counts
@@ -242,6 +244,10 @@ def _apply_merge(output: Path, merge: Path) -> dict[str, Any]:
     if (merge / "drops.parquet").exists():
         os.replace(merge / "drops.parquet", output / "drops.parquet")
     merged = read_json(merge / "manifest.json")
+    started_at = dt.datetime.fromisoformat(merged["created"]).timestamp()
+    finish_outputs(sinks_of(merged["recipe"]["resolved"]), output, merged["outputs"]["shards"],
+                   output / merged["drop_log"]["path"], started_at,
+                   merged["seconds"] + sum(r["seconds"] for r in merged["retries"]))
     write_json(output / "manifest.json", merged)
     shutil.rmtree(merge.parent, ignore_errors=True)
     if (output / RETRY_DIR).exists() and not any((output / RETRY_DIR).iterdir()):

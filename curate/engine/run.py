@@ -21,7 +21,7 @@ from curate.engine.phases import PhaseSpec, run_phase
 from curate.engine.progress import phase_progress
 from curate.engine.split import INPUT_PHASE, SOURCE_STAGE, split_source
 from curate.engine.worker import StageSpec
-from curate.engine.write import SinkSpec, write_outputs
+from curate.engine.write import SinkSpec, finish_outputs, write_outputs
 from curate.files import RunLayout, atomic_path, read_json, write_json
 from curate.manifest.build import build_manifest
 from curate.recipe import LoadedRecipe
@@ -303,6 +303,8 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
         timings["write"] = time.perf_counter() - phase_started
 
     dropped = write_drop_log(layout, [INPUT_PHASE] + [p.name for p in plan.phases], shards)
+    finish_outputs(plan.sinks, layout.root, [file for marker in outputs for file in marker["files"]], layout.drops,
+                   started_at, time.perf_counter() - started)
     stage_stats = _collect_stage_stats(source_stats, plan, markers_by_phase)
     manifest = build_manifest(
         plan=plan, layout=layout, device=device, resources=resources, stage_stats=stage_stats,

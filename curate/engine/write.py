@@ -12,6 +12,7 @@ import ray
 from curate import registry, storage
 from curate.engine.crash import crash_if_asked
 from curate.files import RunLayout, atomic_path, read_json, sha256_file, write_json
+from curate.sinks.base import FinishedOutput
 from curate.stage import StageFailure
 
 WRITE_PHASE = "write"
@@ -194,3 +195,19 @@ def write_outputs(
             on_progress(in_flight.pop(ref).rows)
             crash_if_asked(WRITE_PHASE, marker["index"])
     return [read_json(layout.marker(WRITE_PHASE, s.index)) for s in shards]
+
+
+def finish_outputs(sinks: list[SinkSpec], root: storage.Location, shards: list[dict[str, Any]],
+                   drops: storage.Location, started_at: float, seconds: float) -> None:
+    """Let every sink describe the whole output (e.g. `sizes.json`), from its shards as listed in the manifest."""
+    for spec in sinks:
+        cls = registry.import_target(spec.target)
+        sink = cls(cls.Params.model_validate(spec.params))
+        own = [shard for shard in shards if shard["format"] == spec.name]
+        sink.finish(FinishedOutput(root, own, drops, started_at, seconds))
+
+
+def sinks_of(resolved_recipe: dict[str, Any]) -> list[SinkSpec]:
+    """The sinks of a resolved recipe (as recorded in a manifest)."""
+    output = resolved_recipe["output"]
+    return [SinkSpec(name, registry.SINKS[name], output.get(name) or {}) for name in output["formats"]]

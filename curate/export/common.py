@@ -10,6 +10,7 @@ A role's policy comes from the output's resolved recipe, `recipe.resolved.roles.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -27,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from curate.files import sha256_file
 from curate.report.reader import OutputUnreadable, open_output
+from curate.sinks.wds_record import row_from_record
 
 ROWS_PER_SLICE = 256
 JPEG_QUALITY = 95
@@ -155,10 +157,9 @@ def row_from_members(key: str, members: dict[str, bytes], file: Path) -> dict[st
     """Rebuild a sample row from its tar members (`json` plus `images.mp`, or `<ext>` / `<i>.<ext>`)."""
     if "json" not in members:
         raise ExportError(f"{file}: sample {key!r} has no .json member")
-    record = json.loads(members["json"])
+    record = {**json.loads(members["json"]), "key": key}
     if "images.mp" in members:
         images = list(msgpack.unpackb(members["images.mp"], raw=False))
-        meta = record.get("meta")
     else:
         numbered = {}
         for suffix, data in members.items():
@@ -169,28 +170,7 @@ def row_from_members(key: str, members: dict[str, bytes], file: Path) -> dict[st
             if index is not None:
                 numbered[index] = data
         images = [numbered[i] for i in sorted(numbered)]
-        meta = record.get("meta")  # parsed JSON in this layout; a string when the stored meta was not JSON
-        if meta is not None and not isinstance(meta, str):
-            meta = json.dumps(meta, sort_keys=True, ensure_ascii=False)
-    captions = record.get("captions") or []
-    if isinstance(captions, dict):
-        captions = [{"name": name, "text": text} for name, text in captions.items()]
-    segments = record.get("segments")
-    if segments is None and record.get("kind") == "pair":
-        text = members.get("txt", b"").decode("utf-8")
-        segments = [{"text": None, "image": 0}] + ([{"text": text, "image": None}] if text else [])
-    return {
-        "key": key,
-        "kind": record.get("kind"),
-        "images": [{"bytes": data, "path": None} for data in images],
-        "image_meta": record.get("image_meta"),
-        "segments": segments,
-        "captions": captions,
-        "scores": record.get("scores"),
-        "roles": record.get("roles"),
-        "source": record.get("source"),
-        "meta": meta,
-    }
+    return row_from_record(record, images)
 
 
 # --------------------------------------------------------------------------- caption policy and resolution
@@ -424,13 +404,23 @@ def sample_images(row: dict[str, Any], resolution: Resolution | None, force_jpeg
     images = row.get("images") or []
     if not images:
         raise Skip(NO_IMAGE, "the sample has no image")
+    metas = row.get("image_meta") or []
     chosen = range(len(images)) if indices is None else indices
     prepared = []
     for index in chosen:
         if not 0 <= index < len(images) or images[index] is None:
             raise Skip(NO_IMAGE, f"image {index} is not in the sample")
-        prepared.append(prepare_image(images[index].get("bytes"), resolution, f"image {index}", force_jpeg))
+        image = prepare_image(images[index].get("bytes"), resolution, f"image {index}", force_jpeg)
+        prepared.append(with_fetched_size(image, metas[index] if index < len(metas) else None))
     return prepared
+
+
+def with_fetched_size(image: ExportedImage, meta: dict[str, Any] | None) -> ExportedImage:
+    """`image` with its original size taken from `image_meta` (the size as fetched, before the run resized it)."""
+    width, height = (meta or {}).get("original_width"), (meta or {}).get("original_height")
+    if not width or not height:
+        return image
+    return dataclasses.replace(image, original_width=int(width), original_height=int(height))
 
 
 def text_segments(row: dict[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.files import sha256_file
+from curate.sinks.wds_side_files import write_sizes
 from curate.sinks.webdataset import TAR_FORMAT, add_member
 
 MiB = 1 << 20
@@ -97,7 +98,8 @@ class ParquetShards:
 
 
 class TarShards:
-    """Samples (lists of (suffix, bytes) members) into `<folder>/shard-NNNNNN.tar`, `rows_per_file` per tar."""
+    """Samples (lists of (suffix, bytes) members) into `<folder>/shard-NNNNNN.tar`, `rows_per_file` per tar,
+    and `sizes.json` (tar name -> samples) beside them."""
 
     def __init__(self, root: Path, folder: str, rows_per_file: int):
         self.root, self.folder, self.rows_per_file = root, folder, rows_per_file
@@ -123,4 +125,6 @@ class TarShards:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+        if self.entries:  # open_clip_train reads the sample count of each tar here
+            write_sizes(self.root, [{"path": entry.path, "rows": entry.rows} for entry in self.entries])
         return [finish_entry(self.root, entry) for entry in self.entries]

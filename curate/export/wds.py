@@ -2,10 +2,11 @@
 
 The layout open_clip_train, Show-o (`jpg;png;jpeg;webp` + `txt`) and BLIP3-o (`load_dataset(
 "webdataset")`, `jpg` + `txt`) read. Every image is JPEG (other formats are re-encoded), so every
-sample has exactly the same three members. `KEY.json` holds only fields that are never null
-(key, caption variant, exported and original size, and the bucket when the role has buckets):
-`datasets` infers the JSON types from the first samples and fails on a field that is null there
-and set later. Everything else about a sample stays in the output, joined by key.
+sample has exactly the same three members. `KEY.json` is the stable record every curate
+WebDataset output carries (curate/sinks/wds_record.py): `caption` is the exported text (the
+`.txt`), `width`/`height` the exported size, `original_width`/`original_height` the size as
+fetched, before any resize; plus `bucket` when the role has buckets. `sizes.json` beside the tars
+gives each tar's sample count (open_clip_train reads it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, ClassVar
 from curate.export.base import ExportContext, Exporter
 from curate.export.common import KIND_NOT_SUPPORTED, Skip, sample_images
 from curate.export.shards import FileEntry, TarShards
-from curate.sinks.webdataset import compact_json
+from curate.sinks.wds_record import StoredSize, record_bytes, sample_record
 
 
 class WdsExporter(Exporter):
@@ -31,19 +32,12 @@ class WdsExporter(Exporter):
         """The members of one pair; Skip for other kinds, a missing caption or a broken image."""
         if row["kind"] != "pair":
             raise Skip(KIND_NOT_SUPPORTED, f"a {row['kind']} sample is not an image-text pair")
-        caption, text = self.policy.captions.choose(row.get("captions"))
+        _, text = self.policy.captions.choose(row.get("captions"))
         image = sample_images(row, self.policy.resolution, force_jpeg=True, indices=[0])[0]
-        record: dict[str, Any] = {
-            "key": row["key"],
-            "caption": caption,
-            "width": image.width,
-            "height": image.height,
-            "original_width": image.original_width,
-            "original_height": image.original_height,
-        }
+        record = sample_record(row, text, StoredSize(image.width, image.height))
         if self.policy.resolution is not None and self.policy.resolution.mode == "buckets":
             record["bucket"] = list(image.bucket)
-        return row["key"], [("jpg", image.data), ("json", compact_json(record)), ("txt", text.encode("utf-8"))]
+        return row["key"], [("jpg", image.data), ("json", record_bytes(record)), ("txt", text.encode("utf-8"))]
 
     def write(self, prepared: tuple[str, list[tuple[str, bytes]]]) -> None:
         self.shards.add(*prepared)
@@ -55,4 +49,4 @@ class WdsExporter(Exporter):
     def describe(self) -> dict[str, Any]:
         count = len(self.shards.entries)
         pattern = f"shard-{{000000..{count - 1:06d}}}.tar" if count else None
-        return {"members": ["jpg", "json", "txt"], "shards": pattern}
+        return {"members": ["jpg", "json", "txt"], "shards": pattern, "sizes": "sizes.json" if count else None}

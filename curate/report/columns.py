@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import schema
-from curate.report.reader import Output, iter_tar_samples, read_group, record_captions, row_groups, spread
+from curate.report.reader import Output, iter_tar_samples, read_group, row_groups, spread
 
 DEFAULT_MAX_ROWS = 200_000
 SCORES = ("clip_score", "aesthetic")
@@ -111,18 +111,18 @@ def _add_roles(roles: list[str] | None, result: Distributions) -> None:
 def _from_tars(output: Output, max_rows: int) -> Distributions:
     collected: dict[str, list[float]] = {name: [] for name in NUMERIC}
     result = Distributions(rows_total=int(output.manifest.get("outputs", {}).get("rows", 0)), read_from="webdataset")
-    for record in iter_tar_samples(output.shard_files("webdataset")):
+    for row in iter_tar_samples(output.shard_files("webdataset")):
         if result.rows_read >= max_rows:
             break
         result.rows_read += 1
-        scores = record.get("scores") or {}
+        scores = row["scores"] or {}
         for score in SCORES:
             collected[score].extend(_finite([scores.get(score)]))
-        for meta in record.get("image_meta") or []:
+        for meta in row["image_meta"]:
             for size in ("width", "height"):
                 collected[size].extend(_finite([meta.get(size)]))
-        _collect_caption(schema.caption_text(record_captions(record)), collected)
-        _add_roles(record.get("roles"), result)
+        _collect_caption(schema.caption_text(row["captions"]), collected)
+        _add_roles(row["roles"], result)
     result.values = {name: np.asarray(values, dtype=np.float64) for name, values in collected.items()}
     return result
 

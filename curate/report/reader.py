@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import msgpack
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.files import RunLayout
+from curate.sinks.wds_record import row_from_record
 
 
 class OutputUnreadable(ValueError):
@@ -102,31 +104,26 @@ def read_group(group: RowGroup, columns: list[str]) -> pa.Table:
 
 
 def iter_tar_samples(files: list[Path], with_images: bool = False) -> Iterator[dict[str, Any]]:
-    """The samples of WebDataset tars: their `.json` record, plus `image` (bytes of image 0) when asked."""
+    """The samples of WebDataset tars as SAMPLE_SCHEMA rows rebuilt from their `.json` record.
+
+    Image bytes are read only when asked (`images` is empty otherwise).
+    """
     for file in files:
         with tarfile.open(file, "r:") as tar:
-            current: dict[str, Any] | None = None
+            key, record, images = None, None, []
             for member in tar:
                 if not member.isfile():
                     continue
-                key, _, suffix = member.name.partition(".")
-                if current is not None and current["key"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"key": key}
+                member_key, _, suffix = member.name.rpartition("/")[2].partition(".")
+                if key is not None and member_key != key:
+                    yield row_from_record({**(record or {}), "key": key}, images)
+                    record, images = None, []
+                key = member_key
                 if suffix == "json":
                     record = json.loads(tar.extractfile(member).read())
-                    current.update({k: v for k, v in record.items() if k != "key"})
-                elif with_images and "." not in suffix and suffix != "txt":
-                    current["image"] = tar.extractfile(member).read()
-            if current is not None:
-                yield current
-
-
-def record_captions(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """A WebDataset JSON record's captions as `[{name, text}]`: `{name: text}` (members layout) or already a list."""
-    captions = record.get("captions") or []
-    if isinstance(captions, dict):
-        return [{"name": name, "text": text} for name, text in captions.items()]
-    return [c for c in captions if isinstance(c, dict) and "name" in c and "text" in c]
+                elif with_images and suffix == "images.mp":
+                    images = list(msgpack.unpackb(tar.extractfile(member).read(), raw=False))
+                elif with_images and "." not in suffix and suffix != "txt" and not images:
+                    images = [tar.extractfile(member).read()]
+            if key is not None:
+                yield row_from_record({**(record or {}), "key": key}, images)

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import registry, schema
-from curate.report.reader import Output, iter_tar_samples, read_group, record_captions, row_groups
+from curate.report.reader import Output, iter_tar_samples, read_group, row_groups
 from curate.stage import RecipeError
 
 SAMPLE_COLUMNS = ["key", "kind", "images.list.element.bytes", "image_meta.list.element.url",
@@ -73,22 +73,15 @@ def sample_from_row(row: dict[str, Any], sample: Sample | None = None) -> Sample
     return sample
 
 
-def _sample_from_record(record: dict[str, Any]) -> Sample:
-    captions = record_captions(record)
-    row = {"key": record["key"], "kind": record.get("kind"), "captions": captions, "scores": record.get("scores"),
-           "image_meta": record.get("image_meta"), "images": [{"bytes": record.get("image")}]}
-    return sample_from_row(row)
-
-
 def kept_samples(output: Output, count: int = 24, max_row_groups: int = 3) -> list[Sample]:
     """About `count` kept samples spread over at most `max_row_groups` row groups (or the first tar samples)."""
     groups = row_groups(output.shard_files("parquet"))
     if not groups:
         samples = []
-        for record in iter_tar_samples(output.shard_files("webdataset"), with_images=True):
+        for row in iter_tar_samples(output.shard_files("webdataset"), with_images=True):
             if len(samples) >= count:
                 break
-            samples.append(_sample_from_record(record))
+            samples.append(sample_from_row(row))
         return samples
     spread_over = min(max_row_groups, len(groups))
     chosen = [groups[int(i * len(groups) / spread_over)] for i in range(spread_over)]
@@ -126,9 +119,9 @@ def find_kept(output: Output, keys: set[str]) -> dict[str, Sample]:
     if output.shard_files("parquet"):
         return {key: sample_from_row(row) for key, row in lookup_parquet(output.shard_files("parquet"), keys).items()}
     found = {}
-    for record in iter_tar_samples(output.shard_files("webdataset"), with_images=True):
-        if record["key"] in keys:
-            found[record["key"]] = _sample_from_record(record)
+    for row in iter_tar_samples(output.shard_files("webdataset"), with_images=True):
+        if row["key"] in keys:
+            found[row["key"]] = sample_from_row(row)
             if len(found) == len(keys):
                 break
     return found

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable
 
 import pyarrow as pa
 
 from curate.stage import Params
+from curate.storage import Location
+
+
+@dataclass(frozen=True)
+class FinishedOutput:
+    """A written output as a sink's `finish` sees it."""
+
+    root: Location
+    shards: list[dict[str, Any]]  # this sink's shards as the manifest lists them: path (relative to root), rows
+    drops: Location  # the output's drop log
+    started_at: float  # the run's start (seconds since the epoch) and duration
+    seconds: float
 
 
 class Sink:
@@ -32,3 +45,10 @@ class Sink:
     def count_rows(self, path: str) -> int:
         """Count the samples in a shard this sink wrote (used by `curate verify`)."""
         raise NotImplementedError
+
+    def finish(self, output: FinishedOutput) -> None:
+        """Write the files that describe the whole output, beside the shards (none by default).
+
+        Called once every shard and the drop log are written, and again after `curate retry`
+        merged new shards in; so it derives everything from the output as it stands.
+        """

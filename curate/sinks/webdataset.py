@@ -8,15 +8,15 @@ Two member layouts; `layout: auto` (the default) picks one by the sample's kind:
                     KEY.images.mp   every image of the sample, in order: a msgpack array of
                                     the encoded bytes (webdataset and `datasets` both decode
                                     `.mp` to a list of bytes); formats in the record's image_meta
-                    KEY.json        the sample as in Parquet minus image bytes and embeddings
+                    KEY.json        the stable record (curate/sinks/wds_record.py)
                     KEY.txt         the text (all text segments / the first instruction)
+
+Both layouts write the same `.json` record: img2dataset's flat fields and curate's own, every
+field in every sample with one type (curate/sinks/wds_record.py).
 
 Why packed: `datasets.load_dataset("webdataset")` infers its features from the first
 five samples and then reads only those members (a member first seen in a later sample
 is silently left out), so a per-image member cannot carry a variable number of images.
-Its JSON types are inferred the same way, which is why the packed record keeps
-`captions` as a list of {name, text} and `meta` as a JSON string (the Parquet types)
-instead of objects whose keys vary between samples.
 
 Members of a sample are written contiguously; keys contain no dots (readers split a
 member name at the first dot into key and extension). Within one shard every sample
@@ -26,8 +26,6 @@ has the same member set.
 from __future__ import annotations
 
 import io
-import json
-import math
 import tarfile
 from typing import Any, ClassVar, Iterable, Iterator, Literal
 
@@ -35,7 +33,9 @@ import msgpack
 import pyarrow as pa
 
 from curate import schema
-from curate.sinks.base import Sink
+from curate.sinks.base import FinishedOutput, Sink
+from curate.sinks.wds_record import record_bytes, record_features, sample_record
+from curate.sinks.wds_side_files import write_img2dataset_files, write_sizes
 from curate.stage import Params
 
 MTIME = 0
@@ -53,6 +53,8 @@ class WebDatasetParams(Params):
     # auto: pairs as members, interleaved and edit samples packed; members / packed: every sample so
     # (packed lets one shard mix kinds; members needs the same image count and formats throughout a shard).
     layout: Literal["auto", "members", "packed"] = "auto"
+    # img2dataset's per-shard NNNNN_stats.json and NNNNN.parquet beside the tars (curate/sinks/wds_side_files.py)
+    img2dataset_files: bool = False
 
 
 class WebDatasetSink(Sink):
@@ -87,6 +89,12 @@ class WebDatasetSink(Sink):
                 count += 1
         return count
 
+    def finish(self, output: FinishedOutput) -> None:
+        """`sizes.json` beside the tars; img2dataset's side files when asked."""
+        write_sizes(output.root, output.shards)
+        if self.params.img2dataset_files:
+            write_img2dataset_files(output.root, output.shards, output.drops, output.started_at, output.seconds)
+
     def count_rows(self, path: str) -> int:
         """The number of distinct sample keys among the tar's regular files."""
         keys = set()
@@ -114,10 +122,10 @@ def sample_members(row: dict[str, Any], caption: str, layout: str = "auto") -> l
     key = row["key"]
     if not key or "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
-    text = sample_text(row, caption).encode("utf-8")
-    if is_packed(row, layout):
-        return [(PACKED_IMAGES, packed_images(row)), ("json", packed_json(row)), ("txt", text)]
-    return [*image_members(row), ("json", sample_json(row)), ("txt", text)]
+    text = sample_text(row, caption)
+    record = record_bytes(sample_record(row, text))
+    images = [(PACKED_IMAGES, packed_images(row))] if is_packed(row, layout) else image_members(row)
+    return [*images, ("json", record), ("txt", text.encode("utf-8"))]
 
 
 def image_bytes(row: dict[str, Any]) -> list[bytes]:
@@ -162,81 +170,20 @@ def sample_text(row: dict[str, Any], caption: str) -> str:
     return schema.caption_text(row["captions"], prefer=(caption,)) or ""
 
 
-def sample_json(row: dict[str, Any]) -> bytes:
-    """The `.json` record of the members layout: everything about the sample except the image bytes."""
-    record = {
-        "key": row["key"],
-        "kind": row["kind"],
-        "captions": {c["name"]: c["text"] for c in row["captions"] or []},
-        "image_meta": row["image_meta"],
-        "scores": finite_or_none(row["scores"]),
-        "roles": row["roles"],
-        "source": row["source"],
-        "meta": parse_meta(row["meta"]),
-    }
-    if row["kind"] != "pair":
-        # Interleaved and edit samples need the segment order to place their images.
-        record["segments"] = row["segments"]
-    return compact_json(record)
-
-
-def packed_json(row: dict[str, Any]) -> bytes:
-    """The `.json` record of the packed layout: the Parquet row without image bytes and embeddings."""
-    record = {name: row[name] for name in PACKED_RECORD_FIELDS}
-    record["scores"] = finite_or_none(row["scores"])
-    return compact_json(record)
-
-
-PACKED_RECORD_FIELDS = ("key", "kind", "segments", "captions", "image_meta", "scores", "roles", "source", "meta")
-
-
 def packed_features():
     """The `datasets.Features` of a packed shard, for `load_dataset("webdataset", ..., features=...)`.
 
-    Passing them skips the inference from the first five samples, so a field that
-    is null in all of them and set in a later one is read too.
+    Not needed to read our shards (their `.json` types never vary), but it skips the inference.
     """
     import datasets  # heavy import, only needed by readers
 
-    record = schema.SAMPLE_SCHEMA
-    json_features = datasets.Features.from_arrow_schema(
-        pa.schema([record.field(name) for name in PACKED_RECORD_FIELDS])
-    )
     return datasets.Features({
         PACKED_IMAGES: datasets.List(datasets.Value("binary")),
-        "json": dict(json_features),
+        "json": dict(record_features()),
         "txt": datasets.Value("string"),
         "__key__": datasets.Value("string"),
         "__url__": datasets.Value("string"),
     })
-
-
-def compact_json(record: dict[str, Any]) -> bytes:
-    """`record` as sorted, compact UTF-8 JSON (NaN refused)."""
-    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text.encode("utf-8")
-
-
-def finite_or_none(scores: dict[str, Any] | None) -> dict[str, Any] | None:
-    """`scores` with NaN and infinities replaced by None, which JSON can carry."""
-    if scores is None:
-        return None
-    return {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in scores.items()}
-
-
-def parse_meta(meta: str | None) -> Any:
-    """`meta` parsed as JSON when it is JSON, else the string itself."""
-    if meta is None:
-        return None
-    try:
-        return json.loads(meta, parse_constant=reject_constant)
-    except ValueError:
-        return meta
-
-
-def reject_constant(name: str) -> None:
-    """Refuse NaN and Infinity, which are not JSON."""
-    raise ValueError(f"not JSON: {name}")
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -64,7 +64,8 @@ class ImageShardsParams(Params):
     url_field: str | None = "url"
     id_field: str | None = "uid"  # source.id when the sample has it; else "<shard>:<key or row>"
     license_field: str | None = "license"
-    scores: dict[Literal["clip_score", "aesthetic"], str] = {}  # e.g. {clip_score: clip_l14_similarity_score}
+    # score -> field, e.g. {clip_score: clip_l14_similarity_score} (DataComp), {nsfw: punsafe, watermark: pwatermark}
+    scores: dict[Literal["clip_score", "aesthetic", "nsfw", "watermark"], str] = {}
     carry_image_meta: bool = True  # reuse original_width / original_height / sha256 the downloader recorded
     extra_fields: list[str] | Literal["all"] = "all"  # other fields kept in `meta`
     max_image_bytes: int = Field(DEFAULT_MAX_IMAGE_BYTES, ge=1)

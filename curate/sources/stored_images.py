@@ -34,7 +34,7 @@ UNREADABLE = "unreadable"  # the file or cell cannot be read
 BAD_INPUT_ROW = "bad_input_row"  # metadata that is not valid JSON, or a value of the wrong type
 CORRUPT_SHARD = "corrupt_shard"  # a sample in a damaged part of a shard (may be incomplete)
 
-SCORE_NAMES = ("clip_score", "aesthetic")
+SCORE_NAMES = ("clip_score", "aesthetic", "nsfw", "watermark")  # what an input may carry, precomputed
 # Fields a downloader records about the image as first downloaded, reused as image_meta.
 CARRIED_META = ("original_width", "original_height", "sha256")
 ORIGINAL_FIELDS = ("original_width", "original_height", "original_format", "original_num_bytes", "sha256")

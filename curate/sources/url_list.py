@@ -327,7 +327,7 @@ class UrlListSource(Source):
         caption = _text(record.get(p.caption_column)) if p.caption_column else None
         extras = extras_of(record)
         segments = [{"image": 0, "text": None}]
-        if p.caption_column:
+        if caption is not None:
             segments.append({"text": caption, "image": None})
         sample = {
             "key": sample_key(dataset, row.index, url),
@@ -335,7 +335,7 @@ class UrlListSource(Source):
             "images": [{"bytes": None, "path": None}],
             "image_meta": [{"url": url}],
             "segments": segments,
-            "captions": [{"name": "alt", "text": caption}] if p.caption_column else [],
+            "captions": [{"name": "alt", "text": caption}] if caption is not None else [],
             "scores": None,
             "roles": [],
             "source": {
