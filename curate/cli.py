@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -11,12 +12,14 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from curate.engine.outcome import KeptTooLittle
 from curate.stage import RecipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build training corpora for unified multimodal models.")
 console = Console()
 errors = Console(stderr=True)
+PEEK_ROWS = 20  # input rows a dry run reads to check the first URLs
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -27,13 +30,14 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _run_recipe(recipe: str, overrides: list[str], address: Optional[str], dry_run: bool, overwrite: bool,
-                verbose: bool, progress: bool) -> Optional[dict]:
+                verbose: bool, progress: bool, break_lock: bool = False) -> Optional[dict]:
     from curate.engine.run import compile_plan, execute
     from curate.recipe import load_recipe
     from curate.stage import StageFailure
 
     try:
-        plan = compile_plan(load_recipe(recipe, overrides), require_weights=not dry_run)
+        plan = compile_plan(load_recipe(recipe, overrides), require_weights=not dry_run,
+                            peek_rows=PEEK_ROWS if dry_run else 0)
         if dry_run:
             from curate.redact import redact_data
 
@@ -42,12 +46,23 @@ def _run_recipe(recipe: str, overrides: list[str], address: Optional[str], dry_r
                 errors.print(f"[yellow]warning:[/] {warning} (a real run stops here)", highlight=False)
             console.print("[green]recipe is valid[/] (dry run: nothing was fetched or written)")
             return None
-        return execute(plan, console, address=address, verbose=verbose, overwrite=overwrite, progress=progress)
+        return execute(plan, console, address=address, verbose=verbose, overwrite=overwrite, progress=progress,
+                       break_lock=break_lock)
     except RecipeError as error:
         _fail(str(error))
+    except KeptTooLittle as error:
+        _fail(f"{error} (--strict)", code=1)
     except StageFailure as error:
         _fail(f"stage failure: {error}", code=1)
     return None
+
+
+def _trial_overrides(limit: Optional[int], sample: Optional[float], seed: int) -> list[str]:
+    """`--limit` / `--sample` / `--seed` as recipe overrides (they change what the run produces)."""
+    overrides = [f"trial.limit={limit}"] if limit is not None else []
+    if sample is not None:
+        overrides += [f"trial.sample={sample}", f"trial.seed={seed}"]
+    return overrides
 
 
 @app.command()
@@ -61,9 +76,18 @@ def run(
                                    "recipe's output, an unfinished or a finished run) and start over."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Show Ray's logs."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    break_lock: bool = typer.Option(False, "--break-lock", help="Take the output folder's lock even though "
+                                    "another process holds it (only when that process is dead)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero when the run keeps less than "
+                                "output.min_kept_fraction of its input (default 1%) or nothing."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Trial: the first N input rows only."),
+    sample: Optional[float] = typer.Option(None, "--sample", min=0.0, max=1.0, help="Trial: a seeded sample of "
+                                           "this fraction of the input rows (a bigger one holds a smaller one)."),
+    seed: int = typer.Option(0, "--seed", help="The seed of --sample."),
 ) -> None:
     """Run RECIPE: fetch, filter and write shards plus a manifest. A re-run resumes or does nothing."""
-    manifest = _run_recipe(recipe, set_, address, dry_run, overwrite, verbose, progress)
+    overrides = [*set_, *_trial_overrides(limit, sample, seed), *(["output.strict=true"] if strict else [])]
+    manifest = _run_recipe(recipe, overrides, address, dry_run, overwrite, verbose, progress, break_lock=break_lock)
     if manifest is not None:
         _summarize(manifest)
 
@@ -168,13 +192,16 @@ def retry(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Show Ray's logs."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    break_lock: bool = typer.Option(False, "--break-lock", help="Take the output folder's lock even though "
+                                    "another process holds it (only when that process is dead)."),
 ) -> None:
     """Fetch again only the rows dropped for a transient reason (timeouts, 429, 5xx) and merge them in."""
     from curate.engine.retry import retry as retry_output
     from curate.stage import StageFailure
 
     try:
-        manifest = retry_output(output, console, set_, address=address, verbose=verbose, progress=progress)
+        manifest = retry_output(output, console, set_, address=address, verbose=verbose, progress=progress,
+                                break_lock=break_lock)
     except RecipeError as error:
         _fail(str(error))
     except StageFailure as error:
@@ -240,13 +267,37 @@ def export(
         _fail(str(error))
 
 
+from curate.cli_models import models_app  # noqa: E402 - after _fail, which its commands call
+
+app.add_typer(models_app, name="models", help="Pull model weights into the caches curate reads offline; list them.")
+
+
+_signals_received: list[int] = []
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    """SIGINT (Ctrl-C reaches the whole process group) or SIGTERM: unwind as for Ctrl-C, once."""
+    if _signals_received:
+        return  # a second signal while unwinding does not cut the unwinding short
+    _signals_received.append(signum)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
-    """Entry point of the `curate` console script."""
+    """Entry point of the `curate` console script: SIGINT and SIGTERM end it with a word and 130 / 143."""
+    signal.signal(signal.SIGINT, _on_stop_signal)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
     try:
         app()
     except KeyboardInterrupt:
-        errors.print("interrupted; re-run the same command to resume")
-        sys.exit(130)
+        if not _signals_received:
+            _signals_received.append(signal.SIGINT)
+    except SystemExit:  # typer turns a KeyboardInterrupt inside a command into a silent exit 130
+        if not _signals_received:
+            raise
+    if _signals_received:
+        errors.print("interrupted: run the same command again to resume", highlight=False)
+        sys.exit(143 if _signals_received[0] == signal.SIGTERM else 130)
 
 
 if __name__ == "__main__":

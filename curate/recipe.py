@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,24 @@ MAX_RECIPE_BYTES = 1 << 20  # a recipe or preset file; more is not a recipe
 MAX_RECIPE_NODES = 100_000  # values in one file once YAML aliases are expanded
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML with the booleans of YAML 1.2: only true/false. YAML 1.1 also reads on/off/yes/no/y/n as
+    booleans, which turns `on: url` (caption_join) or `mode: no` into true/false behind the user's back."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse recipe YAML (YAML 1.2 booleans, see RecipeLoader)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
+
+
 class OutputSpec(BaseModel):
     """Where and how output shards are written.
 
@@ -45,6 +64,9 @@ class OutputSpec(BaseModel):
     shard_rows: int | None = Field(10_000, ge=1)  # a shard closes at this many samples...
     shard_bytes: int | None = Field(512 * 1024 * 1024, ge=1)  # ...or this many image bytes
     embeddings: bool = False  # keep the CLIP embeddings column in Parquet shards (it stays in the work area anyway)
+    # a run keeping less than this share of its input rows (or nothing) ends with a warning naming the likely cause
+    min_kept_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    strict: bool = False  # make that warning an error (non-zero exit); also `curate run --strict`
 
 
 class EngineSpec(BaseModel):
@@ -73,9 +95,25 @@ class StorageSpec(BaseModel):
     # (an endpoint or path with credentials in it is refused when the plan is compiled, without echoing it)
 
 
+class TrialSpec(BaseModel):
+    """A trial run over part of the input (`--limit`, `--sample`); the output is marked as a trial."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int | None = Field(None, ge=1)  # the first N input rows (after `sample`)
+    sample: float | None = Field(None, gt=0.0, le=1.0)  # rows whose hash of (seed, key) falls below this fraction
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether this is a trial at all."""
+        return self.limit is not None or self.sample is not None
+
+
 # Settings that change how a run executes but not what it produces: left out of the recipe hash,
 # so a run can be resumed with more workers, on a cluster, or from a moved output folder.
-EXECUTION_ONLY = {"output": ("path",), "engine": ("address", "workers", "keep_work", "check_disk"),
+EXECUTION_ONLY = {"output": ("path", "min_kept_fraction", "strict"),
+                  "engine": ("address", "workers", "keep_work", "check_disk"),
                   "storage": ("endpoint_url", "region")}
 
 
@@ -95,6 +133,7 @@ class Recipe(BaseModel):
     # training roles: name -> {when, captions, resolution} (curate/roles/spec.py); `false` turns a role off
     roles: dict[str, dict[str, Any] | Literal[False]] | None = Field(default_factory=dict)
     roles_required: bool = False  # true: a sample that meets no role is dropped (`no_role`)
+    trial: TrialSpec = TrialSpec()  # `--limit N` / `--sample F --seed S`: part of the input only
 
 
 class LoadedRecipe:
@@ -132,6 +171,8 @@ class LoadedRecipe:
                 identity[section].pop(key, None)
             if not identity[section]:
                 del identity[section]  # a section of execution-only keys alone (storage) leaves no trace
+        if not TrialSpec.model_validate(identity["trial"]).active:
+            del identity["trial"]  # a full run hashes as before trials existed
         if not identity["roles"] and not identity["roles_required"]:
             del identity["roles"], identity["roles_required"]  # recipes without roles hash as before roles existed
         if isinstance(identity["source"].get("path"), str) and not is_remote(identity["source"]["path"]):
@@ -182,7 +223,7 @@ def _read_yaml(file: Path) -> dict[str, Any]:
         if size > MAX_RECIPE_BYTES:
             raise RecipeError(f"the file has {size:,} bytes; a recipe or preset has at most {MAX_RECIPE_BYTES:,}",
                               file=str(file))
-        data = yaml.safe_load(file.read_text())
+        data = parse_yaml(file.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -265,13 +306,12 @@ def _apply_override(data: dict[str, Any], override: str, file: Path) -> None:
     if not sep or not key_path.strip():
         raise RecipeError(f"--set expects dotted.key=value, got {override!r}", file=str(file))
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+        value = parse_yaml(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError:
         value = raw_value
     keys = key_path.strip().split(".")
-    if (keys[-1] == "path" and isinstance(value, str) and value and not is_remote(value)
-            and not Path(value).expanduser().is_absolute()):
-        value = str(Path(value).expanduser().resolve())  # paths given on the command line: from the cwd
+    _check_stage_exists(data, keys, value, file)
+    value = _paths_from_cwd(keys[-1], value)  # paths given on the command line: from the current folder
     node = data
     for depth, key in enumerate(keys[:-1]):
         child = node.get(key)
@@ -284,6 +324,29 @@ def _apply_override(data: dict[str, Any], override: str, file: Path) -> None:
     node[keys[-1]] = value
 
 
+def _check_stage_exists(data: dict[str, Any], keys: list[str], value: Any, file: Path) -> None:
+    """`--set stages.X.k=v` and `--set stages.X=false` need stage X in the recipe; `stages.X={...}` adds it."""
+    if keys[0] != "stages" or len(keys) < 2:
+        return
+    stages = data.get("stages") or {}
+    adds_a_stage = len(keys) == 2 and (value is None or isinstance(value, dict))
+    if keys[1] in stages or adds_a_stage:
+        return
+    listed = ", ".join(name for name, params in stages.items() if params is not False) or "none"
+    raise RecipeError(f"the recipe has no stage {keys[1]!r} (its stages: {listed}); to add one on purpose, "
+                      f"--set 'stages.{keys[1]}={{...}}'", file=str(file), path=".".join(keys))
+
+
+def _paths_from_cwd(key: str, value: Any) -> Any:
+    """`value` with every relative local path under a `path` key made absolute from the current folder."""
+    if isinstance(value, dict):
+        return {k: _paths_from_cwd(k, v) for k, v in value.items()}
+    if (key == "path" and isinstance(value, str) and value and not is_remote(value)
+            and not Path(value).expanduser().is_absolute()):
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
 def _validate(data: dict[str, Any], file: Path) -> LoadedRecipe:
     recipe = _check(Recipe, data, file, prefix="")
     source = dict(recipe.source)
@@ -294,15 +357,7 @@ def _validate(data: dict[str, Any], file: Path) -> LoadedRecipe:
     source_cls = registry.load(registry.SOURCES, source_type)
     source_params = _check(source_cls.Params, source, file, prefix="source")
 
-    stage_params: dict[str, Params] = {}
-    for name, params in recipe.stages.items():
-        if params is False:
-            continue
-        if name not in registry.STAGES:
-            raise RecipeError(f"unknown stage; expected one of {sorted(registry.STAGES)}", file=str(file),
-                              path=f"stages.{name}")
-        stage_cls = registry.load(registry.STAGES, name)
-        stage_params[name] = _check(stage_cls.Params, params or {}, file, prefix=f"stages.{name}")
+    stage_params = validate_stages(recipe.stages, file)
 
     sink_settings = recipe.output.model_extra or {}
     for key in sink_settings:
@@ -318,6 +373,28 @@ def _validate(data: dict[str, Any], file: Path) -> LoadedRecipe:
         sink_cls = registry.load(registry.SINKS, name)
         sink_params[name] = _check(sink_cls.Params, sink_settings.get(name) or {}, file, prefix=f"output.{name}")
     return LoadedRecipe(recipe, file, source_params, stage_params, sink_params, _validate_roles(recipe, file))
+
+
+def validate_stages(stages: dict[str, Any], file: Path) -> dict[str, Params]:
+    """The typed parameters of every stage turned on in a `stages:` mapping, in order."""
+    stage_params: dict[str, Params] = {}
+    for name, params in stages.items():
+        if params is False:
+            continue
+        if name not in registry.STAGES:
+            raise RecipeError(f"unknown stage; expected one of {sorted(registry.STAGES)}", file=str(file),
+                              path=f"stages.{name}")
+        stage_cls = registry.load(registry.STAGES, name)
+        stage_params[name] = _check(stage_cls.Params, params or {}, file, prefix=f"stages.{name}")
+    return stage_params
+
+
+def stages_of_file(file: Path) -> dict[str, Params]:
+    """The typed stage parameters of a recipe or preset file, its presets merged in (no source or output needed)."""
+    stages = _apply_includes(_read_yaml(file), file).get("stages") or {}
+    if not isinstance(stages, dict):
+        raise RecipeError("expected a mapping of stage names", file=str(file), path="stages")
+    return validate_stages(stages, file)
 
 
 def _validate_roles(recipe: Recipe, file: Path) -> dict[str, RoleSpec]:

@@ -90,6 +90,9 @@ DROP_SCHEMA = pa.schema(
         pa.field("stage", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string()),
+        # the index an image removed from a kept document had in it (curate/engine/drop_log.py); null for a
+        # row that drops a whole sample, the only rows "input rows = output rows + dropped rows" counts
+        pa.field("image", pa.int32()),
     ]
 )
 

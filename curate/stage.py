@@ -86,6 +86,9 @@ class Stage:
     resources: ClassVar[Resources] = Resources()
     # True when the stage reads image_meta.pixel_sha256 / phash, which fetch computes unless told not to.
     reads_image_fingerprints: ClassVar[bool] = False
+    # which images this stage fills image_meta.pixel_sha256 / phash for: "fetched" (downloaded), "stored" (came with
+    # bytes), or None; the plan refuses a stage that reads fingerprints nothing before it computes
+    fingerprints_images: ClassVar[str | None] = None
 
     def __init__(self, params: Params, context: StageContext | None = None):
         self.params = params
@@ -93,6 +96,14 @@ class Stage:
 
     def preflight(self) -> None:
         """Check, before any work, that what the stage needs exists. Raise RecipeError if not."""
+
+    def fingerprinted_images(self) -> str | None:
+        """Which images this stage fills fingerprints for, as configured ("fetched", "stored" or None)."""
+        return self.fingerprints_images
+
+    def check_input(self, sample: pa.Table) -> list[str]:
+        """Warnings about the first rows of the input (`sample`), told before any work (`--dry-run`)."""
+        return []
 
     def setup(self) -> None:
         """Load heavy things (models, sessions) once per worker."""

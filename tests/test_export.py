@@ -457,3 +457,22 @@ def test_cli_export_and_its_errors(mixed, tmp_path):
     assert all([r["width"], r["height"]] == r["bucket"] for r in records)
     result = runner.invoke(app, ["export", str(mixed), str(tmp_path / "cli"), "--to", "wds"])
     assert result.exit_code == 2 and "pass --overwrite" in result.output
+
+
+def test_an_export_of_nothing_fails_with_the_reason_and_the_option_that_includes_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    pairs = write_output(tmp_path / "pairs", [pair_samples()[:4]], ROLES)
+    obelics = CliRunner().invoke(app, ["export", str(pairs), str(tmp_path / "docs"), "--to", "obelics"])
+    assert obelics.exit_code == 2
+    message = " ".join(obelics.output.split())
+    assert "would export 0 of 4 samples" in message and "pair_not_document 4" in message
+    assert "--pairs-as-documents" in message
+    assert not (tmp_path / "docs").exists()  # nothing written
+    assert CliRunner().invoke(app, ["export", str(pairs), str(tmp_path / "docs"), "--to", "obelics",
+                                    "--pairs-as-documents"]).exit_code == 0
+    editing = CliRunner().invoke(app, ["export", str(pairs), str(tmp_path / "edits"), "--to", "hf",
+                                       "--role", "editing"])
+    assert editing.exit_code == 2 and "has the role 'editing'" in " ".join(editing.output.split())

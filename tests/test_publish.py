@@ -311,6 +311,19 @@ def test_dry_run_writes_the_repository_tree_and_sends_no_request(output, hub_env
     assert refused.exit_code == 2 and "not empty" in refused.output
 
 
+def test_the_card_and_manifest_copy_name_files_not_local_paths(output, planned):
+    local = json.loads((output / "manifest.json").read_text())
+    assert local["recipe"]["file"].startswith("/")  # the local manifest keeps where things are on this machine
+    folder = str(output.parent)
+    for name in ("README.md", "manifest.json"):
+        assert folder not in planned[name].decode() and str(REPO_ROOT) not in planned[name].decode(), name
+    public = json.loads(planned["manifest.json"])
+    assert public["recipe"]["file"] == "demo.yaml"
+    assert public["recipe"]["resolved"]["source"]["path"] == "urls.parquet"
+    assert public["outputs"] == local["outputs"]
+    assert planned["webdataset/sizes.json"] == (output / "webdataset" / "sizes.json").read_bytes()
+
+
 def test_revision_goes_to_its_own_branch(output, hub_env, planned):
     publish_output(output, REPO, revision="v1", settings=fast(), say=lambda line: None)
     assert set(hub_env.files(REPO, revision="main")) == {".gitattributes"}

@@ -115,7 +115,9 @@ def test_the_report_has_every_section_with_the_manifest_numbers(output, page):
     counts = parsed.text("counts")
     for kind, count in manifest["kinds"].items():
         assert kind in counts and f"{count:,}" in counts
-    assert "(no role)" in counts  # the roles column is empty in today's outputs: rows without a role are counted
+    assert manifest["roles"], "the demo recipe has roles"
+    for role, count in manifest["roles"].items():
+        assert role in counts and f"{count['samples']:,}" in counts
     charts = {image.get("data-chart"): image["section"] for image in parsed.images if image.get("data-chart")}
     assert charts["funnel"] == "funnel" and charts["drops_by_reason"] == "drops"
     assert {name for name, section in charts.items() if section == "distributions"} == HISTOGRAMS

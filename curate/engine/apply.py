@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import schema
+from curate.engine.drop_log import input_locators
 from curate.stage import Stage, with_drops
 
 
@@ -46,17 +47,6 @@ class StageStats:
                    Counter(data.get("counters", {})))
 
 
-def first_url(table: pa.Table) -> list[str | None]:
-    """The URL that identifies each row in the drop log: its first image's URL, else the source URL."""
-    metas = table.column("image_meta").to_pylist()
-    sources = table.column("source").to_pylist()
-    urls = []
-    for meta, source in zip(metas, sources):
-        url = meta[0]["url"] if meta else None
-        urls.append(url or (source or {}).get("url"))
-    return urls
-
-
 def split_drops(table: pa.Table, stage_name: str) -> tuple[pa.Table, pa.Table]:
     """Split `table` into (kept rows in SAMPLE_SCHEMA, drop-log rows in DROP_SCHEMA)."""
     if schema.DROP_REASON not in table.column_names:
@@ -69,10 +59,11 @@ def split_drops(table: pa.Table, stage_name: str) -> tuple[pa.Table, pa.Table]:
     drops = pa.table(
         {
             "key": dropped.column("key"),
-            "url": pa.array(first_url(dropped), pa.string()),
+            "url": pa.array(input_locators(dropped), pa.string()),
             "stage": pa.array([stage_name] * dropped.num_rows, pa.string()),
             "reason": reasons.filter(dropped_mask),
             "detail": details.filter(dropped_mask),
+            "image": pa.nulls(dropped.num_rows, pa.int32()),  # a whole sample (image rows: drop_log.py)
         }
     ).cast(schema.DROP_SCHEMA)
     kept = table.filter(pc.invert(dropped_mask)).drop_columns(

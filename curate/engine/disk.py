@@ -65,7 +65,7 @@ class DiskEstimate:
 def estimate_run_bytes(plan: "Plan") -> DiskEstimate | None:
     """The peak bytes the plan's output folder will hold, or None when it cannot be estimated."""
     source = plan.source
-    stored = not getattr(type(source), "needs_fetch", False)
+    stored = not getattr(source, "needs_fetch", False)
     rows = estimate_rows(source)
     encoded = _encoded_sample_bytes(plan.loaded.stage_params)
     copies = len(plan.phases) + len(plan.sinks)
@@ -133,7 +133,7 @@ def estimate_rows(source: Any) -> int | None:
     path = getattr(source, "path", None)
     if not isinstance(path, (str, os.PathLike)) or storage.is_remote(path):
         return None
-    fmt = getattr(source, "format", None) if getattr(type(source), "needs_fetch", False) else None
+    fmt = getattr(source, "format", None) if getattr(source, "needs_fetch", False) else None
     try:
         if fmt in TEXT_FORMATS and os.path.isfile(path):
             return _text_lines(str(path))

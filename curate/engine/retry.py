@@ -11,6 +11,12 @@
 
 Afterwards, input rows = output rows + dropped rows still holds; the manifest's `retries`
 lists every retry. Corpus-wide stages (dedup, top fraction) see the retried rows only.
+
+Only whole-sample drops are retried (drop-log rows with `image` null). Images removed from
+documents that were kept (image rows) are not fetched again: the document is in the output
+already, and its image rows stay in the drop log as they are. A retried document that is kept
+this time brings its own image rows (from the retry's drop log); the stages' counters
+(`images_removed.<reason>`) add the retry's.
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from rich.console import Console
 
+from curate.engine.drop_log import conform_drops, read_drops, sample_drops, sample_mask
+from curate.engine.lock import OutputLock
 from curate.engine.write import finish_outputs, sinks_of
 from curate.files import read_json, sha256_file, write_json, write_table
 from curate.manifest.build import caption_variant_counts, field_statistics, image_counts, role_counts
-from curate.manifest.summary import reason_counts
+from curate.manifest.summary import drop_log_counts
 from curate.manifest.validate import validate_manifest
 from curate.stage import RecipeError
 
@@ -69,19 +76,35 @@ class KeyFilteredSource:
 
 
 def retryable_keys(drops: pa.Table) -> dict[str, str]:
-    """key -> reason of the fetch drops a later attempt may cure."""
+    """key -> reason of the fetch drops a later attempt may cure.
+
+    Only whole-sample drops (drop-log rows with `image` null): an image removed from a document that was kept
+    (fetch `on_image_failure: drop_image`) is not fetched again, since its document is already in the output.
+    """
     from curate.fetch.reasons import RETRYABLE
 
     wanted = pc.and_(pc.equal(drops.column("stage"), FETCH_STAGE),
                      pc.is_in(drops.column("reason"), value_set=pa.array(sorted(RETRYABLE), pa.string())))
+    wanted = pc.and_(wanted, sample_mask(drops))
     chosen = drops.select(["key", "reason"]).filter(pc.fill_null(wanted, False))
     return dict(zip(chosen.column("key").to_pylist(), chosen.column("reason").to_pylist()))
 
 
 def retry(output: Path, console: Console, overrides: list[str] | None = None, address: str | None = None,
-          verbose: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Retry the transient fetch failures of the complete output at `output`; return the new manifest."""
+          verbose: bool = False, progress: bool = True, break_lock: bool = False) -> dict[str, Any]:
+    """Retry the transient fetch failures of the complete output at `output`; return the new manifest.
+
+    The output folder's lock is held throughout (OutputLocked while another process holds it, unless `break_lock`).
+    """
     output = output.resolve()
+    with OutputLock(output, break_lock=break_lock,
+                    say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)):
+        return _retry(output, console, overrides, address, verbose, progress)
+
+
+def _retry(output: Path, console: Console, overrides: list[str] | None, address: str | None, verbose: bool,
+           progress: bool) -> dict[str, Any]:
+    """retry(), with the output folder's lock held."""
     manifest_file = output / "manifest.json"
     if not manifest_file.exists():
         raise RecipeError("not a complete curate output (no manifest.json); finish the run first", file=str(output))
@@ -90,7 +113,7 @@ def retry(output: Path, console: Console, overrides: list[str] | None = None, ad
         console.print(f"[yellow]finishing[/] the interrupted merge of retry {pending[0].parent.parent.name}")
         return _apply_merge(output, pending[0].parent)
     manifest = read_json(manifest_file)
-    drops = pq.read_table(output / manifest["drop_log"]["path"])
+    drops = read_drops(output / manifest["drop_log"]["path"])  # an old log without `image`: all sample rows
     keys = retryable_keys(drops)
     if not keys:
         console.print("nothing to retry: no fetch drop has a retryable reason")
@@ -144,8 +167,8 @@ def _prepare_merge(output: Path, manifest: dict[str, Any], drops: pa.Table, keys
         shards.append({**entry, "path": target})
     retried = pa.array(sorted(keys), pa.string())
     remaining = drops.filter(pc.invert(pc.is_in(drops.column("key"), value_set=retried)))
-    new_drops = pq.read_table(sub_out / sub["drop_log"]["path"]).cast(drops.schema)
-    merged_drops = pa.concat_tables([remaining, new_drops])
+    new_drops = read_drops(sub_out / sub["drop_log"]["path"])  # its sample rows and its kept documents' image rows
+    merged_drops = pa.concat_tables([conform_drops(remaining), new_drops])
     write_table(merge / "drops.parquet", merged_drops)
     merged = _merged_manifest(manifest, sub, keys, shards, merged_drops, merge / "drops.parquet", output, moves,
                               attempt)
@@ -159,8 +182,11 @@ def _merged_manifest(manifest: dict[str, Any], sub: dict[str, Any], keys: dict[s
     recovered = sub["outputs"]["rows"]
     merged["stages"] = _merged_stages(manifest["stages"], sub["stages"], keys)
     merged["outputs"] = {**manifest["outputs"], "rows": manifest["outputs"]["rows"] + recovered, "shards": shards}
-    merged["drop_log"] = {**manifest["drop_log"], "rows": drops.num_rows, "sha256": sha256_file(drops_file),
-                          "by_reason": reason_counts(drops_file)}
+    counts = drop_log_counts(drops_file)  # sample rows reconcile; image rows are counted apart
+    dropped_rows = counts["rows"]
+    merged["drop_log"] = {**manifest["drop_log"], "rows": dropped_rows, "image_rows": counts["image_rows"],
+                          "sha256": sha256_file(drops_file), "by_reason": counts["by_reason"],
+                          "images_by_reason": counts["images_by_reason"]}
     kinds = Counter(manifest.get("kinds", {}))
     kinds.update(sub.get("kinds", {}))
     merged["kinds"] = dict(sorted(kinds.items()))
@@ -178,9 +204,9 @@ def _merged_manifest(manifest: dict[str, Any], sub: dict[str, Any], keys: dict[s
     output_rows = merged["outputs"]["rows"]
     input_rows = manifest["reconciliation"]["input_rows"]
     merged["reconciliation"] = {
-        "input_rows": input_rows, "output_rows": output_rows, "dropped_rows": drops.num_rows,
+        "input_rows": input_rows, "output_rows": output_rows, "dropped_rows": dropped_rows,
         "rows_by_format": rows_by_format,
-        "ok": input_rows == output_rows + drops.num_rows and len(set(rows_by_format.values())) <= 1,
+        "ok": input_rows == output_rows + dropped_rows and len(set(rows_by_format.values())) <= 1,
     }
     merged["retries"] = [*manifest.get("retries", []), {
         "attempt": attempt,
@@ -188,7 +214,7 @@ def _merged_manifest(manifest: dict[str, Any], sub: dict[str, Any], keys: dict[s
         "retried_rows": len(keys),
         "retried_by_reason": dict(sorted(Counter(keys.values()).items())),
         "recovered_rows": recovered,
-        "dropped_again": dict(sorted(Counter(pq.read_table(drops_file, columns=["key", "reason"]).filter(
+        "dropped_again": dict(sorted(Counter(sample_drops(drops).filter(
             pc.is_in(pc.field("key"), value_set=pa.array(sorted(keys)))).column("reason").to_pylist()).items())),
         "seconds": sub["seconds"],
         "decisions": sub.get("decisions", {}),
@@ -224,6 +250,10 @@ def _merged_stages(stages: list[dict], sub_stages: list[dict], keys: dict[str, s
                 stage["dropped"][reason] = stage["dropped"].get(reason, 0) - count
         stage["rows_in"] += extra["rows_in"]
         stage["rows_out"] += extra["rows_out"]
+        if extra.get("counters"):  # e.g. images_removed.<reason> of the retried documents
+            counters = Counter(stage.get("counters", {}))
+            counters.update(extra["counters"])
+            stage["counters"] = dict(sorted(counters.items()))
         for reason, count in extra.get("dropped", {}).items():
             stage["dropped"][reason] = stage["dropped"].get(reason, 0) + count
         stage["dropped"] = {r: c for r, c in sorted(stage["dropped"].items()) if c}

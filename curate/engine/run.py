@@ -8,24 +8,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray
 from rich.console import Console
 
-from curate import registry, schema, storage
+from curate import registry, storage
 from curate.engine import cluster
 from curate.engine.apply import StageStats
 from curate.engine.decision import decide, decision_paths
 from curate.engine.disk import check_free_disk
+from curate.engine.drop_log import write_drop_log
+from curate.engine.lock import OutputLock, is_lock_file, remove_all_but_lock
+from curate.engine.outcome import KeptTooLittle, low_yield
 from curate.engine.phases import PhaseSpec, run_phase
 from curate.engine.progress import phase_progress
 from curate.engine.split import INPUT_PHASE, SOURCE_STAGE, split_source
+from curate.engine.trial import TrialSource
 from curate.engine.worker import StageSpec
 from curate.engine.write import SinkSpec, finish_outputs, write_outputs
-from curate.files import RunLayout, atomic_path, read_json, write_json
+from curate.files import RunLayout, read_json, write_json
 from curate.manifest.build import build_manifest
 from curate.recipe import LoadedRecipe
-from curate.redact import redact_drop_table
 from curate.roles.assign import ROLE_PHASE, RoleAssignment, RoleAssignmentParams
 from curate.roles.assign import TARGET as ROLE_TARGET
 from curate.stage import CorpusStage, RecipeError, Stage, StageContext, StageFailure, WeightsUnavailable
@@ -63,17 +65,20 @@ class Plan:
         }
 
 
-def compile_plan(loaded: LoadedRecipe, require_weights: bool = True) -> Plan:
+def compile_plan(loaded: LoadedRecipe, require_weights: bool = True, peek_rows: int = 0) -> Plan:
     """Instantiate the recipe's source, stages and sinks and run every preflight check.
 
     Missing model weights are an error, unless `require_weights` is off (a dry run),
-    where they become warnings of the plan.
+    where they become warnings of the plan. With `peek_rows`, the first rows of the
+    input are read and every stage's `check_input` warnings join the plan's.
     """
     recipe = loaded.recipe
     storage_config = storage_settings(loaded)
     storage.configure(storage_config)
     source_cls = registry.load(registry.SOURCES, loaded.source_type)
     source = source_cls(loaded.source_params, recipe_dir=str(loaded.directory))
+    if recipe.trial.active:
+        source = TrialSource(source, recipe.trial.limit, recipe.trial.sample, recipe.trial.seed)
     context = StageContext(recipe_dir=str(loaded.directory), on_sample_error=recipe.engine.on_sample_error)
     stages = []
     for name, params in loaded.stage_params.items():
@@ -82,7 +87,7 @@ def compile_plan(loaded: LoadedRecipe, require_weights: bool = True) -> Plan:
     if getattr(source_cls, "needs_fetch", False) and "fetch" not in loaded.stage_params:
         raise RecipeError("this source yields URLs; add a `fetch` stage to download them",
                           file=str(loaded.file), path="stages")
-    _check_fingerprints(loaded, stages)
+    _check_fingerprints(loaded, source, stages)
     source.preflight()
     warnings = []
     for stage in stages:
@@ -92,6 +97,8 @@ def compile_plan(loaded: LoadedRecipe, require_weights: bool = True) -> Plan:
             if require_weights:
                 raise
             warnings.append(str(error))
+    if peek_rows:
+        warnings += _input_warnings(source, stages, peek_rows)
     layout = RunLayout(loaded.output_path())
     phases: list[PhaseSpec] = []
     for stage in stages:
@@ -119,16 +126,31 @@ def compile_plan(loaded: LoadedRecipe, require_weights: bool = True) -> Plan:
     return Plan(loaded, source, phases, stages, sinks, layout, warnings, storage_config=storage_config)
 
 
-def _check_fingerprints(loaded: LoadedRecipe, stages: list[Stage]) -> None:
-    """A fetch told not to compute image fingerprints cannot feed a stage that reads them."""
-    fetch = next((stage for stage in stages if stage.name == "fetch"), None)
-    if fetch is None or getattr(fetch.params, "fingerprints", True):
-        return
-    readers = [stage.name for stage in stages if stage.reads_image_fingerprints]
-    if readers:
-        raise RecipeError(f"fetch.fingerprints is false, but {', '.join(readers)} read(s) image_meta.pixel_sha256 "
-                          "and phash; remove `fingerprints: false`", file=str(loaded.file),
-                          path="stages.fetch.fingerprints")
+def _input_warnings(source: Any, stages: list[Stage], rows: int) -> list[str]:
+    """What the stages say of the input's first `rows` rows."""
+    first = next(iter(source.iter_batches(rows)), None)
+    if first is None:
+        return ["the input has no rows"]
+    return [warning for stage in stages for warning in stage.check_input(first.slice(0, rows))]
+
+
+def _check_fingerprints(loaded: LoadedRecipe, source: Any, stages: list[Stage]) -> None:
+    """A stage that reads image fingerprints needs an earlier stage that computes them for this source's images."""
+    images = "fetched" if getattr(source, "needs_fetch", False) else "stored"
+    computed = False
+    for stage in stages:
+        if stage.reads_image_fingerprints and not computed:
+            fetch = next((s for s in stages if s.name == "fetch"), None)
+            if images == "fetched" and fetch is not None and fetch.fingerprinted_images() is None:
+                raise RecipeError(f"fetch.fingerprints is false, but {stage.name} reads image_meta.pixel_sha256 "
+                                  "and phash; remove `fingerprints: false`", file=str(loaded.file),
+                                  path="stages.fetch.fingerprints")
+            raise RecipeError(f"{stage.name} reads image fingerprints (image_meta.pixel_sha256, phash), but nothing "
+                              f"before it computes them for the images a {loaded.source_type} source brings with "
+                              "their bytes: add a `decode` stage in the recipe before it, right after `fetch` "
+                              "(`decode: {keep_bytes: true}` keeps the bytes as they are)",
+                              file=str(loaded.file), path=f"stages.{stage.name}")
+        computed = computed or stage.fingerprinted_images() == images
 
 
 def storage_settings(loaded: LoadedRecipe) -> storage.StorageConfig:
@@ -173,13 +195,13 @@ def check_output_folder(plan: Plan, overwrite: bool) -> str:
     if overwrite:
         if layout.root.exists():
             _refuse_to_delete_a_precious_folder(plan)
-            storage.remove_tree(layout.root)
+            remove_all_but_lock(layout.root)  # the lock this run holds stays
         return "fresh"
     if layout.manifest.exists():
         previous, previous_input = _recorded(layout.manifest, ("recipe", "sha256"), ("sources", 0, "input_file"))
     elif layout.run_info.exists():
         previous, previous_input = _recorded(layout.run_info, ("recipe_sha256",), ("input_file",))
-    elif layout.root.exists() and any(layout.root.iterdir()):
+    elif layout.root.exists() and any(not is_lock_file(entry.name) for entry in layout.root.iterdir()):
         raise OutputConflict("the output folder exists and is not a curate output; choose another "
                              "output.path or pass --overwrite", path="output.path", file=str(layout.root))
     else:
@@ -240,14 +262,26 @@ def _refuse_to_delete_a_precious_folder(plan: Plan) -> None:
 
 
 def execute(plan: Plan, console: Console, address: str | None = None, verbose: bool = False,
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run the plan to completion (resuming earlier work) and return the manifest."""
+            overwrite: bool = False, progress: bool = True, break_lock: bool = False) -> dict[str, Any]:
+    """Run the plan to completion (resuming earlier work) and return the manifest.
+
+    The output folder's lock is held throughout (curate/engine/lock.py): while another live process
+    holds it, OutputLocked is raised before anything is read or written, unless `break_lock`.
+    """
     storage.configure(plan.storage_config)  # the driver's reads of plain URLs; workers get the same config
+    with OutputLock(plan.layout.root, break_lock=break_lock,
+                    say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)):
+        return _execute(plan, console, address, verbose, overwrite, progress)
+
+
+def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, overwrite: bool,
+             progress: bool) -> dict[str, Any]:
+    """execute(), with the output folder's lock held."""
     state = check_output_folder(plan, overwrite)
     layout, recipe = plan.layout, plan.loaded.recipe
     if state == "complete":
         console.print(f"[green]already complete:[/] {layout.root} (same recipe; nothing to do)")
-        return read_json(layout.manifest)
+        return judge_yield(read_json(layout.manifest), recipe.output, console)
     if recipe.engine.check_disk:  # before any work: refuse a run that clearly cannot fit on the output's disk
         check_free_disk(plan, warn=lambda text: console.print(f"[bold yellow]warning:[/] {text}", highlight=False))
     started_at, started = time.time(), time.perf_counter()
@@ -319,6 +353,16 @@ def execute(plan: Plan, console: Console, address: str | None = None, verbose: b
     write_json(layout.manifest, manifest)
     if not recipe.engine.keep_work:
         storage.remove_tree(layout.work, ignore_errors=True)
+    return judge_yield(manifest, recipe.output, console)
+
+
+def judge_yield(manifest: dict[str, Any], output: Any, console: Console) -> dict[str, Any]:
+    """Warn when the run kept too little of its input (KeptTooLittle with `output.strict`); return the manifest."""
+    warning = low_yield(manifest, output.min_kept_fraction)
+    if warning is not None:
+        if output.strict:
+            raise KeptTooLittle(warning)
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     return manifest
 
 
@@ -366,21 +410,4 @@ def _collect_stage_stats(source_stats: dict[str, Any], plan: Plan,
             ordered.append({"name": stage.name, "phase": phase.name,
                             **totals.get(stage.name, StageStats()).to_json()})
     return ordered
-
-
-def write_drop_log(layout: RunLayout, phases: list[str], shards: int) -> int:
-    """Concatenate every work shard's drops (by shard, then phase) into OUT/drops.parquet; return its rows."""
-    rows = 0
-    with atomic_path(layout.drops) as temporary:
-        with pq.ParquetWriter(temporary, schema.DROP_SCHEMA, compression="zstd") as writer:
-            for shard in range(shards):
-                for phase in phases:
-                    table = storage.read_table(layout.drops_file(phase, shard)).cast(schema.DROP_SCHEMA)
-                    table = redact_drop_table(table)  # no URL password, token or credential in the drop log
-                    if table.num_rows:
-                        writer.write_table(table)
-                        rows += table.num_rows
-            if rows == 0:
-                writer.write_table(schema.empty_table(schema.DROP_SCHEMA))
-    return rows
 

@@ -56,7 +56,10 @@ def split_source(source: Source, layout: RunLayout, rows_per_shard: int) -> dict
     """
     summary_path = layout.phase_dir(INPUT_PHASE) / "_SUCCESS.json"
     if summary_path.exists():
-        return read_json(summary_path)
+        summary = read_json(summary_path)
+        if summary.get("rows_read") is not None:
+            source.rows_read = summary["rows_read"]  # a trial's count of source rows, for its manifest
+        return summary
     started = time.perf_counter()
     totals = StageStats()
     shards = 0
@@ -76,7 +79,8 @@ def split_source(source: Source, layout: RunLayout, rows_per_shard: int) -> dict
         write_table(layout.drops_file(INPUT_PHASE, 0), schema.empty_table(schema.DROP_SCHEMA))
         shards = 1
     totals.seconds = time.perf_counter() - started
-    summary = {"shards": shards, "rows_per_shard": rows_per_shard, "stats": totals.to_json()}
+    summary = {"shards": shards, "rows_per_shard": rows_per_shard, "stats": totals.to_json(),
+               "rows_read": getattr(source, "rows_read", None)}
     write_json(summary_path, summary)
     return summary
 

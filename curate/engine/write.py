@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
@@ -150,6 +151,27 @@ def write_output_shard(
     return marker
 
 
+def image_formats(files: list[storage.Location]) -> dict[str, Counter]:
+    """How many images of each kind of sample are in each format, over `files` (reads two columns only)."""
+    counts: dict[str, Counter] = {}
+    for file in files:
+        table = storage.read_table(file, columns=["kind", "image_meta"])
+        for kind, metas in zip(table.column("kind").to_pylist(), table.column("image_meta").to_pylist()):
+            counts.setdefault(kind, Counter()).update(m["format"] for m in metas or [] if m and m.get("format"))
+    return counts
+
+
+def adapt_sinks(sinks: list[SinkSpec], files: list[storage.Location]) -> list[SinkSpec]:
+    """The sinks with the parameters each needs for this output (Sink.adapt), decided once for every shard."""
+    formats = image_formats(files)
+    adapted = []
+    for spec in sinks:
+        cls = registry.import_target(spec.target)
+        changes = cls(cls.Params.model_validate(spec.params)).adapt(formats)
+        adapted.append(SinkSpec(spec.name, spec.target, {**spec.params, **changes}))
+    return adapted
+
+
 def write_outputs(
     layout: RunLayout,
     files: list[storage.Location],
@@ -163,13 +185,14 @@ def write_outputs(
 ) -> list[dict[str, Any]]:
     """Plan and write all output shards, skipping those already written; return their markers in order."""
     plan_path = layout.phase_dir(WRITE_PHASE) / "plan.json"
-    if plan_path.exists():
-        shards = [
-            OutputShard(s["index"], [Segment(**g) for g in s["segments"]], s["rows"]) for s in read_json(plan_path)
-        ]
+    saved = read_json(plan_path) if plan_path.exists() else None
+    if isinstance(saved, dict):  # a resumed write uses the same cut and the same sink parameters
+        shards = [OutputShard(s["index"], [Segment(**g) for g in s["segments"]], s["rows"]) for s in saved["shards"]]
+        sinks = [SinkSpec(**spec) for spec in saved["sinks"]]
     else:
         shards = plan_output_shards(files, shard_rows, shard_bytes)
-        write_json(plan_path, [asdict(s) for s in shards])
+        sinks = adapt_sinks(sinks, files)
+        write_json(plan_path, {"shards": [asdict(s) for s in shards], "sinks": [asdict(s) for s in sinks]})
     remote_write = ray.remote(write_output_shard).options(num_cpus=cpus_per_task, max_retries=3)
     waiting = []
     for shard in shards:

@@ -9,12 +9,17 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from curate.engine.lock import LOCK_FILE, OutputLock
 from curate.export.base import ExportContext, Exporter, ExportOptions
 from curate.export.common import (
     DUPLICATE_KEY,
+    KIND_NOT_SUPPORTED,
+    NO_CAPTION,
+    PAIR_NOT_DOCUMENT,
     ExportError,
     ExportPolicy,
     Skip,
@@ -53,6 +58,24 @@ def export_output(output: str | Path, dest: str | Path, fmt: str, role: str | No
     """
     options = options or ExportOptions()
     cls = exporter_class(fmt)
+    with ExitStack() as locks:
+        _lock_folders(locks, Path(output).expanduser().resolve(), Path(dest).expanduser().resolve(), say)
+        return _export(output, dest, cls, fmt, role, overwrite, options, say)
+
+
+def _lock_folders(locks: ExitStack, output: Path, dest: Path, say: Callable[[str], None] | None) -> None:
+    """Lock OUTPUT (no run or retry changes it while it is read) and DEST (by a file beside it: DEST is replaced
+    whole); ExportError while another process holds either."""
+    folder = output.parent if output.name == "manifest.json" else output
+    if folder.is_dir():  # else open_source says what is wrong with the path
+        locks.enter_context(OutputLock(folder, say=say, refuse=ExportError, advice=f"delete {folder / LOCK_FILE}"))
+    beside = dest.parent / f".{dest.name}{LOCK_FILE}"
+    locks.enter_context(OutputLock(dest, file=beside, say=say, refuse=ExportError, advice=f"delete {beside}"))
+
+
+def _export(output: str | Path, dest: str | Path, cls: type[Exporter], fmt: str, role: str | None, overwrite: bool,
+            options: ExportOptions, say: Callable[[str], None] | None) -> dict[str, Any]:
+    """export_output(), with OUTPUT and DEST locked."""
     source = open_source(output)
     policy = resolve_policy(source.manifest, role)
     final = Path(dest).expanduser().resolve()
@@ -77,6 +100,8 @@ def export_output(output: str | Path, dest: str | Path, fmt: str, role: str | No
             else:
                 exporter.write(outcome)
                 tally.exported += 1
+        if tally.exported == 0:
+            raise ExportError(nothing_exported(tally, fmt, policy.role))
         files = exporter.finish()
         manifest = build_manifest(fmt, policy, options, source, exporter, tally, files)
         write_json(staging / MANIFEST_FILE, manifest)
@@ -132,3 +157,23 @@ def summary(manifest: dict[str, Any], dest: Path) -> str:
     if skipped["rows"]:
         lines.append(f"skipped {skipped['rows']:,}: {reasons}")
     return "\n".join(lines)
+
+
+HINTS = {
+    PAIR_NOT_DOCUMENT: "--pairs-as-documents exports pairs as two-element documents",
+    KIND_NOT_SUPPORTED: "the format has no place for these kinds of sample; `--to hf` takes every kind",
+    NO_CAPTION: "none has a caption variant the role's `captions` allow (roles.<role>.captions in the recipe)",
+}
+
+
+def nothing_exported(tally: Tally, fmt: str, role: str | None) -> str:
+    """Why an export would write no sample, and what would include some (nothing is written)."""
+    if tally.read == 0:
+        return "the output holds no sample: nothing to export"
+    if tally.not_in_role == tally.read:
+        return (f"none of the {tally.read:,} samples has the role {role!r} (its `when` in the recipe's roles: "
+                "section kept none); choose another --role, or none for every sample")
+    reasons = ", ".join(f"{reason} {count:,}" for reason, count in tally.skipped.most_common())
+    hints = "; ".join(HINTS[reason] for reason, _ in tally.skipped.most_common() if reason in HINTS)
+    return (f"--to {fmt} would export 0 of {tally.read - tally.not_in_role:,} samples (skipped: {reasons})"
+            + (f"; {hints}" if hints else ""))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 KIND = "interleaved"
+IMAGES_REMOVED = "images_removed"  # prefix of the stage counters of removed images (removed_counter)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,14 @@ def remove_images(
         elif image in new_index:
             kept_segments.append({**segment, "image": new_index[image]})
     return kept_images, kept_meta, kept_segments
+
+
+def removed_counter(reason: str | None) -> str:
+    """The stage counter (Stage.count) of images removed from documents for `reason`: `images_removed.<reason>`.
+
+    Stages that remove images count one per image, so the manifest's funnel has them per stage and reason.
+    """
+    return f"{IMAGES_REMOVED}.{reason or 'unknown'}"
 
 
 def record_removed(meta: str | None, removed: list[dict[str, Any]]) -> str | None:

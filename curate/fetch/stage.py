@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 
 from curate.extract.document import KIND as DOCUMENT_KIND
-from curate.extract.document import record_removed, remove_images
+from curate.extract.document import record_removed, remove_images, removed_counter
 from curate.fetch.config import FetchParams
 from curate.fetch.http import FetchResult, HttpFetcher
 from curate.fetch.image import ImageError, ProcessedImage, process_image
+from curate.fetch.resolver import (
+    InvalidHost,
+    ResolveError,
+    forbidden_address,
+    ip_literal,
+    normalise_host,
+    system_lookup,
+)
 from curate.schema import SAMPLE_SCHEMA
 from curate.stage import Resources, Stage, StageContext, with_drops
 
@@ -46,6 +55,23 @@ class FetchStage(Stage):
     def __init__(self, params: FetchParams, context: StageContext | None = None):
         super().__init__(params, context)
         self._fetcher: HttpFetcher | None = None
+
+    def fingerprinted_images(self) -> str | None:
+        """Downloaded images get pixel_sha256 and phash unless `fingerprints: false`."""
+        return "fetched" if self.params.fingerprints else None
+
+    def check_input(self, sample: pa.Table) -> list[str]:
+        """Warn when the first URLs point at non-public addresses that the address guard will refuse."""
+        if self.params.allow_private_addresses:
+            return []
+        urls = [meta.get("url") for metas in sample.column("image_meta").to_pylist() for meta in metas or []
+                if meta and meta.get("url")]
+        blocked = [url for url in urls if _points_at_private_address(url, self.params.resolve)]
+        if not blocked:
+            return []
+        return [f"{len(blocked)} of the first {len(urls)} image URLs point at non-public addresses (e.g. "
+                f"{blocked[0]}): fetch refuses them (drop reason blocked_address) unless "
+                "--set stages.fetch.allow_private_addresses=true"]
 
     def setup(self) -> None:
         """Create the HTTP fetcher (its connection pool and worker threads)."""
@@ -111,6 +137,8 @@ class FetchStage(Stage):
             images[row], metas[row], segments[row] = remove_images(
                 images[row] or [], metas[row] or [], segments[row], [slot.index for slot, _ in failures])
             meta_json[row] = record_removed(meta_json[row], removed)
+            for entry in removed:  # the funnel's per-image counts: counters images_removed.<reason>
+                self.count(removed_counter(entry["reason"]))
         batch = _replace(batch, "images", images)
         batch = _replace(batch, "image_meta", metas)
         batch = _replace(batch, "segments", segments)
@@ -165,3 +193,15 @@ def _meta(url: str, image: ProcessedImage) -> dict[str, Any]:
 def _replace(batch: pa.Table, name: str, values: list[Any]) -> pa.Table:
     field = SAMPLE_SCHEMA.field(name)
     return batch.set_column(batch.schema.get_field_index(name), field, pa.array(values, field.type))
+
+
+def _points_at_private_address(url: str, pins: dict[str, str]) -> bool:
+    """Whether `url`'s host is, or resolves (pins first, then the system resolver) to, a non-public address."""
+    host = normalise_host(urlsplit(url).hostname or "")
+    if not host:
+        return False
+    try:
+        addresses = [pins[host]] if host in pins else [ip_literal(host)] if ip_literal(host) else system_lookup(host)
+    except (ResolveError, InvalidHost):
+        return False  # a name that does not resolve is a dns_error at fetch time, not a guard refusal
+    return any(forbidden_address(address) for address in addresses)

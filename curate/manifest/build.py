@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from curate import schema, storage
 from curate.files import RunLayout, sha256_file
-from curate.manifest.summary import ValueSummary, reason_counts
+from curate.manifest.summary import ValueSummary, drop_log_counts
 from curate.manifest.validate import validate_manifest
 from curate.redact import redact_data
 
@@ -141,6 +141,16 @@ def image_counts(files: list[Path]) -> tuple[dict[str, Any], ValueSummary]:
     return {"total": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items()))}, per_sample
 
 
+def drop_log_entry(drops: Any, dropped_rows: int) -> dict[str, Any]:
+    """The manifest's `drop_log`: `rows` and `by_reason` count the dropped samples (the rows that reconcile with
+    the input, `image` null); `image_rows` and `images_by_reason` the images removed from kept documents, whose
+    rows the file holds too (file rows = rows + image_rows; curate/engine/drop_log.py)."""
+    counts = drop_log_counts(drops)
+    return {"path": drops.name, "rows": dropped_rows, "image_rows": counts["image_rows"],
+            "sha256": sha256_file(drops), "by_reason": counts["by_reason"],
+            "images_by_reason": counts["images_by_reason"]}
+
+
 def _input_file(state: dict[str, int] | None) -> dict[str, Any]:
     return {"input_file": state} if state is not None else {}
 
@@ -190,15 +200,14 @@ def build_manifest(*, plan: "Plan", layout: RunLayout, device: dict[str, Any], r
         "captions": caption_variant_counts(final_files),
         "images": images,
         "outputs": {"formats": formats, "rows": output_rows, "shards": shards},
-        "drop_log": {
-            "path": layout.drops.name,
-            "rows": dropped_rows,
-            "sha256": sha256_file(layout.drops),
-            "by_reason": reason_counts(layout.drops),
-        },
+        "drop_log": drop_log_entry(layout.drops, dropped_rows),
         "schema": schema.describe(),
         "statistics": {**field_statistics(final_files), "images_per_sample": images_per_sample.to_json()},
         "reconciliation": reconciliation,
     }
+    trial = plan.loaded.recipe.trial
+    if trial.active:  # a trial covers part of the input: marked, with the rows it read and left out
+        read = getattr(plan.source, "rows_read", input_rows)
+        manifest["trial"] = {**trial.model_dump(), "rows_read": read, "rows_skipped": max(0, read - input_rows)}
     validate_manifest(manifest)
     return manifest

@@ -1,4 +1,5 @@
-"""What changed between two outputs: recipe keys, rows per stage and per drop reason, score distributions.
+"""What changed between two outputs: recipe keys, rows per stage and per drop reason, images removed from
+documents per stage and reason, score distributions.
 
 `diff_outputs(a, b)` returns plain JSON data (`curate diff --json`); `render_diff` prints it as
 rich tables. Score distributions are read from each output's shards (see
@@ -16,6 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from curate.engine.drop_log import images_removed
 from curate.recipe import EXECUTION_ONLY
 from curate.report.columns import DEFAULT_MAX_ROWS, SCORES, read_distributions, summarize
 from curate.report.reader import Output, open_output
@@ -91,6 +93,20 @@ def reason_rows(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
              "delta": counts_b.get((stage, reason), 0) - counts_a.get((stage, reason), 0)} for stage, reason in keys]
 
 
+def image_rows(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Images removed from documents per (stage, reason) in A and B (stage counters `images_removed.<reason>`;
+    0 where absent) and the delta. Apart from `reason_rows`: these are images, not dropped samples."""
+    def counts(manifest: dict[str, Any]) -> dict[tuple[str, str], int]:
+        return {(stage["name"], reason): count for stage in manifest.get("stages", [])
+                for reason, count in images_removed(stage).items()}
+
+    counts_a, counts_b = counts(a), counts(b)
+    keys = [*counts_a, *(key for key in counts_b if key not in counts_a)]
+    return [{"stage": stage, "reason": reason, "a": counts_a.get((stage, reason), 0),
+             "b": counts_b.get((stage, reason), 0),
+             "delta": counts_b.get((stage, reason), 0) - counts_a.get((stage, reason), 0)} for stage, reason in keys]
+
+
 def _count_rows(a: dict[str, int], b: dict[str, int], label: str) -> list[dict[str, Any]]:
     keys = [*a, *(key for key in b if key not in a)]
     return [{label: key, "a": a.get(key, 0), "b": b.get(key, 0), "delta": b.get(key, 0) - a.get(key, 0)}
@@ -157,6 +173,7 @@ def diff_outputs(a: str | Path, b: str | Path, max_rows: int = DEFAULT_MAX_ROWS)
                     "delta": _delta(totals_a.get(name), totals_b.get(name))} for name in TOTALS],
         "stages": stage_rows(ma, mb),
         "drop_reasons": reason_rows(ma, mb),
+        "images_removed": image_rows(ma, mb),
         "kinds": _count_rows(ma.get("kinds") or {}, mb.get("kinds") or {}, "kind"),
         "scores": score_shifts(output_a, output_b, max_rows),
     }
@@ -167,7 +184,8 @@ def diff_outputs(a: str | Path, b: str | Path, max_rows: int = DEFAULT_MAX_ROWS)
 def _identical(result: dict[str, Any]) -> bool:
     if any(not change["execution_only"] for change in result["recipe"]["changes"]):
         return False
-    deltas = [row["delta"] for row in (*result["totals"], *result["drop_reasons"], *result["kinds"])]
+    deltas = [row["delta"] for row in (*result["totals"], *result["drop_reasons"], *result.get("images_removed", []),
+                                       *result["kinds"])]
     deltas += [row[field]["delta"] for row in result["stages"] for field in ("rows_in", "rows_out", "dropped")]
     if any(delta != 0 for delta in deltas):
         return False
@@ -232,6 +250,13 @@ def render_diff(result: dict[str, Any], console: Console) -> None:
         for row in result["drop_reasons"]:
             reasons.add_row(row["stage"], row["reason"], f"{row['a']:,}", f"{row['b']:,}", _signed(row["delta"]))
         console.print(reasons)
+    if result.get("images_removed"):
+        removed = Table(title="Images removed from documents", title_justify="left")
+        for column in ("stage", "reason", "A", "B", "Δ"):
+            removed.add_column(column, justify="left" if column in ("stage", "reason") else "right")
+        for row in result["images_removed"]:
+            removed.add_row(row["stage"], row["reason"], f"{row['a']:,}", f"{row['b']:,}", _signed(row["delta"]))
+        console.print(removed)
     if result["kinds"]:
         kinds = Table(title="Kinds", title_justify="left")
         for column in ("kind", "A", "B", "Δ"):

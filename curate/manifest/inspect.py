@@ -64,5 +64,9 @@ def render(manifest: dict[str, Any], console: Console) -> None:
               f"device {manifest['device']['accelerator']}  {manifest['seconds']:.1f} s\n"
               f"{totals['input_rows']:,} in = {totals['output_rows']:,} out + {totals['dropped_rows']:,} dropped  "
               f"{verdict}  kinds {manifest['kinds']}")
+    if manifest.get("trial"):
+        trial = manifest["trial"]
+        part = ", ".join(f"{name} {trial[name]}" for name in ("limit", "sample", "seed") if trial.get(name) is not None)
+        header += f"\n[bold yellow]TRIAL[/] ({part}): {trial['rows_skipped']:,} input rows left out"
     console.print(Panel(header, title="curate manifest", expand=False))
     console.print(Group(_funnel(manifest), _drops(manifest), _shards(manifest), _quantiles(manifest)))

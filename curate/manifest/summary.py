@@ -5,7 +5,8 @@ row: a 10M-row run would need gigabytes in the driver at its very last step. `Va
 count, mean, minimum and maximum exactly and at most `limit` values for the quantiles: every value
 while there are no more than `limit`, so the quantiles are exact, and beyond that a uniform
 reservoir sample of `limit` values drawn with a fixed seed, so the same run gives the same
-manifest. `reason_counts` counts a drop log's reasons one record batch at a time.
+manifest. `reason_counts` / `drop_log_counts` count a drop log's reasons one record batch at a time,
+whole-sample rows apart from the rows of images removed from kept documents.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate import storage
+from curate.engine.drop_log import IMAGE, iter_drops
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 SAMPLE_LIMIT = 1_000_000  # values kept per field for the quantiles (8 MB as float64)
@@ -75,13 +76,30 @@ class ValueSummary:
         return {"count": self.count, "mean": round(self.total / self.count, 4), "quantiles": quantiles}
 
 
-def reason_counts(drop_log: Any) -> dict[str, int]:
-    """Rows per drop reason of a drop log Parquet file, read one record batch at a time."""
-    counts: Counter = Counter()
-    for batch in storage.parquet_file(drop_log).iter_batches(columns=["reason"]):
-        counted = pc.value_counts(batch.column(0))
-        counts.update(dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())))
-    return dict(sorted(counts.items()))
+def reason_counts(drop_log: Any, images: bool = False) -> dict[str, int]:
+    """Rows per drop reason of a drop log Parquet file, read one record batch at a time.
+
+    Sample rows only (whole samples dropped, `image` null: what reconciles with the input); with
+    `images`, the image rows instead (images removed from kept documents). See curate/engine/drop_log.py.
+    """
+    counts = drop_log_counts(drop_log)
+    return counts["images_by_reason" if images else "by_reason"]
+
+
+def drop_log_counts(drop_log: Any) -> dict[str, Any]:
+    """`rows` and `by_reason` of the sample rows, `image_rows` and `images_by_reason` of the image rows.
+
+    A drop log without the `image` column (written before image rows existed) is all sample rows.
+    """
+    samples: Counter = Counter()
+    images: Counter = Counter()
+    for table in iter_drops(drop_log, ["reason", IMAGE]):
+        is_image = pc.is_valid(table.column(IMAGE))
+        for counter, mask in ((samples, pc.invert(is_image)), (images, is_image)):
+            counted = pc.value_counts(table.column("reason").filter(mask))
+            counter.update(dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())))
+    return {"rows": sum(samples.values()), "image_rows": sum(images.values()),
+            "by_reason": dict(sorted(samples.items())), "images_by_reason": dict(sorted(images.items()))}
 
 
 def _floats(values: Any) -> np.ndarray:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curate import registry, storage
+from curate.engine.drop_log import count_rows
 from curate.files import read_json, sha256_file
 from curate.manifest.validate import ManifestInvalid, validate_manifest
 
@@ -97,9 +98,14 @@ def _verify_drop_log(root: storage.Location, manifest: dict, report: VerifyRepor
         return
     if sha256_file(file) != drop_log["sha256"]:
         report.problems.append(f"{drop_log['path']}: sha256 differs from the manifest")
-    rows = storage.parquet_file(file).metadata.num_rows
+    # Sample rows (image null) and image rows (images removed from kept documents) are counted apart; a drop
+    # log of before image rows is all sample rows, and its manifest has no image_rows (0).
+    rows, image_rows = count_rows(file)
     if rows != drop_log["rows"]:
-        report.problems.append(f"{drop_log['path']}: {rows} rows, manifest says {drop_log['rows']}")
+        report.problems.append(f"{drop_log['path']}: {rows} dropped-sample rows, manifest says {drop_log['rows']}")
+    if image_rows != drop_log.get("image_rows", 0):
+        report.problems.append(f"{drop_log['path']}: {image_rows} removed-image rows, manifest says "
+                               f"{drop_log.get('image_rows', 0)}")
 
 
 def _outside(relative: str) -> bool:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from curate.models.tiny_notice import notice_tiny_model
 from curate.models.weights import ModelUnavailable, resolve
 from curate.stage import Params, RecipeError
 
@@ -120,6 +121,8 @@ def check_aesthetic_available(spec: AestheticSpec) -> dict:
 
 def _weights_file(spec: AestheticSpec) -> tuple[Path, str]:
     location, pin = spec.path, spec.sha256
+    if spec.head == "tiny":
+        notice_tiny_model()
     if spec.head == "tiny" and location is None:
         location, pin = str(TINY_AESTHETIC_WEIGHTS), pin or TINY_AESTHETIC_SHA256
     if location is None:

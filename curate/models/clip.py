@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
 
+from curate.models.tiny_notice import notice_tiny_model
 from curate.models.weights import ModelUnavailable, local_file, verify_sha256
 from curate.stage import Params, RecipeError
 
@@ -108,6 +109,8 @@ def _resolve(spec: ClipSpec) -> _Weights:
     arch = spec.model.replace("/", "-")
     if open_clip.get_model_config(arch) is None:
         raise RecipeError(f"{spec.model!r} is not an open_clip model name (see open_clip.list_models())")
+    if arch == TINY_MODEL:
+        notice_tiny_model()
     if spec.checkpoint:
         # A local copy of a tagged checkpoint keeps the tag's preprocessing and activation.
         tag_cfg = open_clip.get_pretrained_cfg(arch, spec.pretrained) if spec.pretrained else {}

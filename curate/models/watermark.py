@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from curate.models.tiny_notice import notice_tiny_model
 from curate.models.weights import ModelUnavailable, resolve
 from curate.stage import Params, RecipeError
 
@@ -98,6 +99,8 @@ def check_watermark_available(spec: WatermarkSpec) -> dict:
 
 def _weights_file(spec: WatermarkSpec) -> tuple[Path, str]:
     location, pin = spec.path, spec.sha256
+    if spec.head == "tiny":
+        notice_tiny_model()
     if spec.head == "tiny" and location is None:
         location, pin = str(TINY_WATERMARK_WEIGHTS), pin or TINY_WATERMARK_SHA256
     if location is None:

@@ -49,6 +49,7 @@ class DecodeStage(Stage):
     params: DecodeParams
     phase = "prepare"
     resources = Resources(cpus=1.0)
+    fingerprints_images = "stored"
 
     def process(self, batch: pa.Table) -> pa.Table:
         """Decode every stored, not yet decoded image of `batch`; drop rows with an image that does not decode."""

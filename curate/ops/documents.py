@@ -34,7 +34,7 @@ from collections import Counter
 import pyarrow as pa
 from pydantic import Field
 
-from curate.extract.document import KIND, load_meta, record_removed, remove_images, texts_of
+from curate.extract.document import KIND, load_meta, record_removed, remove_images, removed_counter, texts_of
 from curate.schema import SAMPLE_SCHEMA
 from curate.stage import Params, Stage, with_drops
 
@@ -127,6 +127,8 @@ class DocumentFilter(Stage):
                 images[row], metas[row], segments[row] = remove_images(
                     images[row] or [], metas[row] or [], segments[row], [entry["index"] for entry in removed])
                 meta_json[row] = record_removed(meta_json[row], removed)
+                for entry in removed:  # the funnel's per-image counts: counters images_removed.<reason>
+                    self.count(removed_counter(entry["reason"]))
             verdict = self._verdict(metas[row] or [], segments[row] or [], meta_json[row])
             if verdict is not None:
                 reasons[row], details[row] = verdict

@@ -27,7 +27,7 @@ import pyarrow as pa
 from pydantic import Field
 from scipy.optimize import linear_sum_assignment
 
-from curate.extract.document import KIND, dump_meta, load_meta, record_removed, remove_images
+from curate.extract.document import KIND, dump_meta, load_meta, record_removed, remove_images, removed_counter
 from curate.extract.text import split_sentences
 from curate.models.clip import ClipSpec
 from curate.ops.clip_stage import ClipModelStage, merge_scores, set_struct_column
@@ -143,6 +143,7 @@ class ImageTextAssignment(ClipModelStage):
                        for i in low]
             images, image_meta, segments = remove_images(images, image_meta, segments, low)
             meta = record_removed(meta, removed)
+            self.count(removed_counter(LOW_SIMILARITY), len(removed))  # the funnel's per-image counts
             keep = [i for i in range(similarity.shape[0]) if i not in set(low)]
             similarity, errors = similarity[keep], [errors[i] for i in keep]
             usable = [i for i, error in enumerate(errors) if error is None]

@@ -12,6 +12,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 
+from curate.engine.drop_log import images_removed
+
 LOADABLE_FORMATS = ("parquet", "webdataset")  # `datasets` builders that read curate's shard formats
 TASKS_BY_KIND = {"pair": ["image-to-text", "text-to-image"], "edit": ["image-to-image"],
                  "interleaved": ["image-text-to-text"]}
@@ -60,10 +62,17 @@ def data_configs(root: Path, manifest: dict[str, Any], paths: dict[str, str],
         configs.append(DataConfig(role.replace("/", "-") or "default", formats[0], glob_for(files), files,
                                   sum(s["rows"] for s in members), sum(s["bytes"] for s in members), features))
     if drops_path is not None and formats[0] == "parquet":
-        configs.append(DataConfig("drops", "parquet", drops_path, [drops_path], manifest["drop_log"]["rows"],
+        # every row of the file: dropped samples (`image` null) and images removed from kept documents (`image` set)
+        configs.append(DataConfig("drops", "parquet", drops_path, [drops_path], drop_log_file_rows(manifest),
                                   (root / manifest["drop_log"]["path"]).stat().st_size,
                                   _parquet_features(root / manifest["drop_log"]["path"])))
     return configs
+
+
+def drop_log_file_rows(manifest: dict[str, Any]) -> int:
+    """Rows of drops.parquet: `drop_log.rows` dropped samples plus `drop_log.image_rows` removed images (0 in a
+    manifest of before image rows)."""
+    return manifest["drop_log"]["rows"] + manifest["drop_log"].get("image_rows", 0)
 
 
 def glob_for(files: list[str]) -> str:
@@ -202,12 +211,21 @@ def _summary(manifest: dict[str, Any], repo_id: str) -> str:
         "",
         f"- **Samples:** {manifest['outputs']['rows']:,} ({kinds or 'none'})",
         f"- **Input rows:** {totals['input_rows']:,}; **kept** {totals['output_rows']:,}, "
-        f"**dropped** {totals['dropped_rows']:,} (every dropped row is in `drops.parquet` with its reason)",
+        f"**dropped** {totals['dropped_rows']:,} (every dropped row is in `drops.parquet` with its reason)"
+        + _removed_images_note(manifest),
         f"- **Formats:** {', '.join(manifest['outputs']['formats'])}",
         f"- **Sources:** {sources or 'not recorded'}",
         "- **Manifest:** [`manifest.json`](manifest.json) lists every shard with its rows, bytes and sha256",
     ]
     return "\n".join(lines)
+
+
+def _removed_images_note(manifest: dict[str, Any]) -> str:
+    images = manifest["drop_log"].get("image_rows", 0)
+    if not images:
+        return ""
+    return (f"; **images removed** from kept documents {images:,} (rows of `drops.parquet` whose `image` column "
+            "is set: the document's key, the image URL, its index in the document and the reason)")
 
 
 def _loading(repo_id: str, revision: str, configs: list[DataConfig], other_formats: dict[str, str]) -> str:
@@ -236,6 +254,10 @@ def _funnel(manifest: dict[str, Any]) -> str:
     for stage in manifest["stages"]:
         reasons = ", ".join(f"{reason} {count:,}" for reason, count in
                             sorted(stage["dropped"].items(), key=lambda item: -item[1]))
+        removed = images_removed(stage)
+        if removed:  # images taken out of documents, not dropped samples
+            reasons += ("; " if reasons else "") + "images removed: " + ", ".join(
+                f"{reason} {count:,}" for reason, count in sorted(removed.items(), key=lambda item: -item[1]))
         lines.append(f"| {stage['name']} | {stage['phase']} | {stage['rows_in']:,} | {stage['rows_out']:,} | "
                      f"{stage['rows_in'] - stage['rows_out']:,} | {reasons} |")
     return "\n".join(lines)
@@ -334,7 +356,7 @@ def _files(manifest: dict[str, Any]) -> str:
         shards = [s for s in manifest["outputs"]["shards"] if s["format"] == fmt]
         lines.append(f"| {fmt} | {len(shards):,} | {sum(s['rows'] for s in shards):,} | "
                      f"{sum(s['bytes'] for s in shards):,} |")
-    lines.append(f"| drop log | 1 | {manifest['drop_log']['rows']:,} | |")
+    lines.append(f"| drop log | 1 | {drop_log_file_rows(manifest):,} | |")
     return "\n".join(lines)
 
 

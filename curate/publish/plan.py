@@ -52,6 +52,17 @@ class PlannedFile:
         return digest.hexdigest()
 
 
+def public_manifest(data: Any) -> Any:
+    """`data` (a manifest) with every absolute local path replaced by its file name: the Hub gets no local paths."""
+    if isinstance(data, dict):
+        return {key: public_manifest(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [public_manifest(value) for value in data]
+    if isinstance(data, str) and data.startswith(("/", "~/")) and "\n" not in data:
+        return PurePosixPath(data).name
+    return data
+
+
 def generated_file(path: str, content: bytes) -> PlannedFile:
     """A file made by the publish itself (card, charts)."""
     return PlannedFile(path, len(content), hashlib.sha256(content).hexdigest(), content=content)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
+from curate.engine.lock import check_unlocked
 from curate.publish.card import (
     card_body,
     card_license,
@@ -30,12 +32,14 @@ from curate.publish.plan import (
     PublishError,
     generated_file,
     output_file,
+    public_manifest,
     read_output,
     repo_paths,
     write_tree,
 )
 from curate.publish.remote import check_remote, stale_files, top_folders
 from curate.publish.upload import HubRepository, RetryPolicy, UploadReport, describe, upload
+from curate.sinks.wds_side_files import SIZES_FILE
 
 log = logging.getLogger("curate.publish")
 
@@ -84,11 +88,13 @@ def plan_repository(output: Path, manifest: dict[str, Any], repo_id: str, revisi
                     license_id: str | None = None, settings: PublishSettings | None = None) -> RepoPlan:
     """Every file the repository gets, with sizes and sha256 (shards checked against the manifest), and the card."""
     settings = settings or PublishSettings()
+    manifest = public_manifest(manifest)  # the card and the manifest copy name files, not local paths
     shards = manifest["outputs"]["shards"]
     shard_paths = repo_paths([shard["path"] for shard in shards], settings.max_files_per_folder)
     data = [output_file(output, s["path"], s["sha256"], s["bytes"], shard_paths[s["path"]]) for s in shards]
     drop_log = manifest["drop_log"]
     data.append(output_file(output, drop_log["path"], drop_log["sha256"]))
+    data += sizes_files(output, shards, shard_paths)
     data += chart_files(output)
     configs = data_configs(output, manifest, shard_paths, drop_log["path"])
     loadable = configs[0].format if configs else None
@@ -104,9 +110,20 @@ def plan_repository(output: Path, manifest: dict[str, Any], repo_id: str, revisi
         raise PublishError(str(error), code=2) from error
     images = [file.path for file in data if file.path.startswith("images/")]
     card = render_card(metadata, card_body(manifest, repo_id, revision, configs, other_formats, licenses, images))
-    final = [generated_file(CARD, card.encode()), output_file(output, MANIFEST)]
+    final = [generated_file(CARD, card.encode()),
+             generated_file(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())]
     check_patterns(configs, [file.path for file in data + final])
     return RepoPlan(data, final, shard_paths, top_folders(file.path for file in data))
+
+
+def sizes_files(output: Path, shards: list[dict[str, Any]], shard_paths: dict[str, str]) -> list[PlannedFile]:
+    """`sizes.json` of the WebDataset tars (open_clip_train reads it), when they stay in one repository folder."""
+    tars = [s["path"] for s in shards if s["format"] == "webdataset"]
+    folders = {str(PurePosixPath(shard_paths[path]).parent) for path in tars}
+    sizes = output / PurePosixPath(tars[0]).parent / SIZES_FILE if tars else None
+    if len(folders) != 1 or sizes is None or not sizes.is_file():
+        return []
+    return [output_file(output, str(sizes.relative_to(output)), repo_path=f"{folders.pop()}/{SIZES_FILE}")]
 
 
 def _pattern_or_recursive(fmt: str, paths: list[str]) -> str:
@@ -142,6 +159,7 @@ def publish_output(output: Path, repo_id: str, *, private: bool = False, revisio
     if not REPO_ID.match(repo_id):
         raise PublishError(f"--repo {repo_id!r}: expected OWNER/NAME", code=2)
     output = Path(output)
+    check_unlocked(output, refuse=lambda message: PublishError(message, code=2))  # a run or retry is changing it
     manifest = read_output(output)
     plan = plan_repository(output, manifest, repo_id, revision, license_id, settings)
     result = PublishResult(repo_id, revision, plan)

@@ -11,8 +11,7 @@ import html
 from pathlib import Path
 from typing import Any, Iterable
 
-import pyarrow.parquet as pq
-
+from curate.engine.drop_log import count_rows, images_removed
 from curate.files import atomic_path
 from curate.report.columns import DEFAULT_MAX_ROWS, Distributions, read_distributions
 from curate.report.plots import render_plots
@@ -177,9 +176,12 @@ def _summary(output: Output) -> str:
     ]
     notes = []
     if output.layout.drops.is_file():
-        logged = pq.ParquetFile(output.layout.drops).metadata.num_rows
+        logged, image_rows = count_rows(output.layout.drops)  # dropped samples, and images removed from documents
         if logged != drop_log.get("rows"):
-            notes.append(f"drops.parquet has {logged:,} rows, the manifest says {drop_log.get('rows')}")
+            notes.append(f"drops.parquet has {logged:,} dropped-sample rows, the manifest says {drop_log.get('rows')}")
+        if image_rows != drop_log.get("image_rows", 0):
+            notes.append(f"drops.parquet has {image_rows:,} removed-image rows, the manifest says "
+                         f"{drop_log.get('image_rows', 0)}")
     else:
         notes.append("drops.parquet is missing")
     tiles = [(f"{totals.get('input_rows', 0):,}", "rows in"), (f"{totals.get('output_rows', 0):,}", "kept"),
@@ -193,10 +195,13 @@ def _summary(output: Output) -> str:
 
 
 def _funnel(manifest: dict[str, Any], charts: dict[str, bytes]) -> str:
-    rows = [[s["name"], s["phase"], s["rows_in"], s["rows_out"], s["rows_in"] - s["rows_out"], s.get("seconds", 0.0)]
-            for s in manifest.get("stages", [])]
+    stages = manifest.get("stages", [])
+    removing = any(images_removed(s) for s in stages)  # images removed from documents that stay in the funnel
+    rows = [[s["name"], s["phase"], s["rows_in"], s["rows_out"], s["rows_in"] - s["rows_out"],
+             *([sum(images_removed(s).values())] if removing else []), s.get("seconds", 0.0)] for s in stages]
+    headers = ["stage", "phase", "in", "out", "dropped", *(["images removed"] if removing else []), "seconds"]
     body = ('<div class="side">' + _chart(charts, "funnel", "funnel: rows in and out per stage") +
-            _table(["stage", "phase", "in", "out", "dropped", "seconds"], rows, {2, 3, 4, 5}) + "</div>")
+            _table(headers, rows, set(range(2, len(headers)))) + "</div>")
     others = {name: summary for name, summary in (manifest.get("decisions") or {}).items() if "method" not in summary}
     for name, summary in others.items():
         body += f"<h3>{esc(name)} decision</h3>" + _table(["field", "value"], [[k, v] for k, v in summary.items()])
@@ -208,10 +213,17 @@ def _drops(manifest: dict[str, Any], charts: dict[str, bytes]) -> str:
     rows = [[stage["name"], reason, count, f"{100 * count / total:.1f}%" if total else ""]
             for stage in manifest.get("stages", []) for reason, count in
             sorted(stage.get("dropped", {}).items(), key=lambda item: -item[1])]
-    if not rows:
+    images = [[stage["name"], reason, count] for stage in manifest.get("stages", []) for reason, count in
+              sorted(images_removed(stage).items(), key=lambda item: -item[1])]
+    if not rows and not images:
         return _section("drops", '<p class="note">No sample was dropped.</p>')
     body = ('<div class="side">' + _chart(charts, "drops_by_reason", "drops by reason") +
-            _table(["stage", "reason", "rows", "of input"], rows, {2, 3}) + "</div>")
+            _table(["stage", "reason", "rows", "of input"], rows, {2, 3}) + "</div>") if rows else \
+        '<p class="note">No sample was dropped.</p>'
+    if images:  # not dropped samples: images taken out of documents that may still be in the output
+        body += ('<h3>Images removed from documents</h3><p class="note">Counted per image; those of documents that '
+                 'were kept are in drops.parquet with their index in the document (column <code>image</code>).</p>'
+                 + _table(["stage", "reason", "images"], images, {2}))
     return _section("drops", body)
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curate import registry, schema
+from curate.engine.drop_log import IMAGE, iter_drops, sample_drops
 from curate.report.reader import Output, iter_tar_samples, read_group, row_groups
 from curate.stage import RecipeError
 
@@ -136,8 +136,8 @@ def drop_examples(output: Output, per_reason: int = 6) -> list[DropExamples]:
     if not drops.is_file():
         return list(examples.values())
     pending = set(examples)
-    for batch in pq.ParquetFile(drops).iter_batches(batch_size=65_536, columns=DROP_COLUMNS):
-        table = pa.Table.from_batches([batch])
+    for table in iter_drops(drops, [*DROP_COLUMNS, IMAGE]):
+        table = sample_drops(table)  # dropped samples; images removed from kept documents are not examples here
         for stage, reason in _pairs(table):
             if (stage, reason) not in examples:  # in the drop log but not in the manifest's funnel
                 examples[(stage, reason)] = DropExamples(stage, reason, 0, [])
@@ -161,13 +161,20 @@ def _pairs(table: pa.Table) -> set[tuple[str, str]]:
 
 
 def find_dropped(output: Output, keys: set[str]) -> dict[str, Sample]:
-    """The drop-log rows of `keys` as samples (stage, reason, detail, URL)."""
+    """The drop-log rows of `keys` that dropped the whole sample, as samples (stage, reason, detail, URL)."""
     drops = output.layout.drops
     if not keys or not drops.is_file():
         return {}
-    rows = lookup_parquet([drops], keys, DROP_COLUMNS)
-    return {key: Sample(key=key, url=row["url"], stage=row["stage"], reason=row["reason"], detail=row["detail"])
-            for key, row in rows.items()}
+    wanted = pa.array(sorted(keys), pa.string())
+    found: dict[str, Sample] = {}
+    for table in iter_drops(drops, [*DROP_COLUMNS, IMAGE]):
+        table = sample_drops(table)
+        for row in table.filter(pc.is_in(table.column("key"), value_set=wanted)).to_pylist():
+            found.setdefault(row["key"], Sample(key=row["key"], url=row["url"], stage=row["stage"],
+                                                reason=row["reason"], detail=row["detail"]))
+        if len(found) == len(keys):
+            break
+    return found
 
 
 def fill_dropped(output: Output, samples: list[Sample], max_source_rows: int = DEFAULT_MAX_SOURCE_ROWS) -> str:

@@ -79,7 +79,10 @@ def load_index(kind: str, items: list[ListRef], recipe_dir: str, where: str, nor
 
 
 def redact(batch: pa.Table, rows: list[int]) -> pa.Table:
-    """Blank image_meta[].url and source.url of `rows`, so the drop log does not keep them."""
+    """Blank image_meta[].url, source.url and source.id of `rows`, so the drop log does not keep them.
+
+    (Without any URL the drop log's `url` falls back to `source.id`, e.g. an image folder's file path.)
+    """
     if not rows:
         return batch
     metas = batch.column("image_meta").to_pylist()
@@ -88,7 +91,7 @@ def redact(batch: pa.Table, rows: list[int]) -> pa.Table:
         if metas[row] is not None:
             metas[row] = [{**m, "url": None} if m else m for m in metas[row]]
         if sources[row] is not None:
-            sources[row] = {**sources[row], "url": None}
+            sources[row] = {**sources[row], "url": None, "id": None}
     for name, values in (("image_meta", metas), ("source", sources)):
         field = schema.SAMPLE_SCHEMA.field(name)
         batch = batch.set_column(batch.schema.get_field_index(name), field, pa.array(values, field.type))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
@@ -45,6 +46,13 @@ class Sink:
     def count_rows(self, path: str) -> int:
         """Count the samples in a shard this sink wrote (used by `curate verify`)."""
         raise NotImplementedError
+
+    def adapt(self, image_formats: dict[str, Counter]) -> dict[str, Any]:
+        """Parameter changes this output needs, given how many images of each kind of sample are in each format.
+
+        Called once per output before any shard is written, so every shard is written alike; none by default.
+        """
+        return {}
 
     def finish(self, output: FinishedOutput) -> None:
         """Write the files that describe the whole output, beside the shards (none by default).

@@ -9,8 +9,9 @@ With `output.webdataset.img2dataset_files: true`, per tar `part-NNNNN.tar`, as i
                          duration, status_dict; plus `filtered` (rows a later stage dropped), so that
                          count = successes + failed_to_download + failed_to_resize + filtered.
 `part-NNNNN.parquet`     one row per input row the tar accounts for: its samples (status "success")
-                         and its share of the drop log (status "failed_to_download",
-                         "failed_to_resize" or "filtered", error_message "<reason>: <detail>").
+                         and its share of the drop log's dropped samples (status "failed_to_download",
+                         "failed_to_resize" or "filtered", error_message "<reason>: <detail>"); the
+                         drop log's image rows (images removed from kept documents) are not input rows.
 
 How this differs from img2dataset (docs/architecture.md says it too): img2dataset cuts input rows
 into shards before downloading, so a shard's failures are the failures of its own input rows;
@@ -34,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import storage
+from curate.engine.drop_log import IMAGE, count_rows, iter_drops, sample_drops
 from curate.files import write_json
 from curate.storage import Location
 
@@ -76,13 +78,16 @@ def write_img2dataset_files(root: Location, shards: list[dict[str, Any]], drops:
     """img2dataset's `NNNNN_stats.json` and `NNNNN.parquet` beside every tar in `shards` (in shard order)."""
     if not shards:
         return
-    drop_log = storage.parquet_file(drops)
-    batches = drop_log.iter_batches(batch_size=8192, columns=["key", "url", "stage", "reason", "detail"])
+    # Only whole-sample drops are failed input rows; an image removed from a kept document (an image row) is
+    # part of a sample that succeeded.
+    total, _ = count_rows(drops)
+    batches = (sample_drops(table).to_pylist()
+               for table in iter_drops(drops, ["key", "url", "stage", "reason", "detail", IMAGE], batch_size=8192))
     pending: list[dict[str, Any]] = []
     for index, shard in enumerate(shards):
-        lo, hi = share(drop_log.metadata.num_rows, len(shards), index)
+        lo, hi = share(total, len(shards), index)
         while len(pending) < hi - lo:  # the drop log is read once, in order, a batch at a time
-            pending.extend(next(batches).to_pylist())
+            pending.extend(next(batches))
         tar = root / shard["path"]
         rows = shard_metadata(tar, pending[: hi - lo])
         del pending[: hi - lo]

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections import Counter
 from typing import Any, ClassVar, Iterable, Iterator, Literal
 
 import msgpack
 import pyarrow as pa
 
 from curate import schema
+from curate.fetch.config import EncodeParams, ResizeParams
+from curate.fetch.image import ImageError, process_image
 from curate.sinks.base import FinishedOutput, Sink
 from curate.sinks.wds_record import record_bytes, record_features, sample_record
 from curate.sinks.wds_side_files import write_img2dataset_files, write_sizes
@@ -44,6 +47,7 @@ TAR_FORMAT = tarfile.GNU_FORMAT
 ROWS_PER_SLICE = 256
 PACKED_IMAGES = "images.mp"
 PACKED_KINDS = ("interleaved", "edit")
+MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit, for images re-encoded to the output's one format
 
 
 class WebDatasetParams(Params):
@@ -55,6 +59,9 @@ class WebDatasetParams(Params):
     layout: Literal["auto", "members", "packed"] = "auto"
     # img2dataset's per-shard NNNNN_stats.json and NNNNN.parquet beside the tars (curate/sinks/wds_side_files.py)
     img2dataset_files: bool = False
+    # members layout: the one format of every image member; an image in another format is re-encoded to it.
+    # None: as stored, unless the output's images come in several formats: then their most common (see `adapt`).
+    image_format: Literal["jpg", "png", "webp"] | None = None
 
 
 class WebDatasetSink(Sink):
@@ -74,7 +81,7 @@ class WebDatasetSink(Sink):
         suffixes: tuple[str, ...] | None = None
         with tarfile.open(path, "w", format=TAR_FORMAT) as tar:
             for row in iter_rows(tables):
-                members = sample_members(row, self.params.caption, self.params.layout)
+                members = sample_members(row, self.params.caption, self.params.layout, self.params.image_format)
                 names = tuple(suffix for suffix, _ in members)
                 if suffixes is None:
                     suffixes = names
@@ -88,6 +95,21 @@ class WebDatasetSink(Sink):
                     add_member(tar, f"{row['key']}.{suffix}", data)
                 count += 1
         return count
+
+    def adapt(self, image_formats: dict[str, Counter]) -> dict[str, Any]:
+        """One image format for the members layout when the output's images come in several.
+
+        `datasets` reads a tar only if every sample has the member names of the first five
+        (KEY.jpg in one sample and KEY.png in another fail), so such outputs are written in
+        their most common format (jpg on a tie); Parquet keeps every image as stored.
+        """
+        if self.params.layout == "packed" or self.params.image_format is not None:
+            return {}
+        kinds = [kind for kind in image_formats if self.params.layout == "members" or kind not in PACKED_KINDS]
+        counts = sum((image_formats[kind] for kind in kinds), Counter())
+        if len(counts) <= 1:
+            return {}
+        return {"image_format": max(counts, key=lambda fmt: (counts[fmt], fmt == "jpg"))}
 
     def finish(self, output: FinishedOutput) -> None:
         """`sizes.json` beside the tars; img2dataset's side files when asked."""
@@ -117,15 +139,38 @@ def is_packed(row: dict[str, Any], layout: str) -> bool:
     return layout == "packed" or (layout == "auto" and row["kind"] in PACKED_KINDS)
 
 
-def sample_members(row: dict[str, Any], caption: str, layout: str = "auto") -> list[tuple[str, bytes]]:
+def sample_members(row: dict[str, Any], caption: str, layout: str = "auto",
+                   image_format: str | None = None) -> list[tuple[str, bytes]]:
     """The (suffix, bytes) members of one sample, in the order they are written."""
     key = row["key"]
     if not key or "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
+    if image_format is not None and not is_packed(row, layout):
+        row = with_images_as(row, image_format)
     text = sample_text(row, caption)
     record = record_bytes(sample_record(row, text))
     images = [(PACKED_IMAGES, packed_images(row))] if is_packed(row, layout) else image_members(row)
     return [*images, ("json", record), ("txt", text.encode("utf-8"))]
+
+
+def with_images_as(row: dict[str, Any], image_format: str) -> dict[str, Any]:
+    """`row` with every image not in `image_format` re-encoded to it (quality 95), its image_meta updated."""
+    metas = list(row["image_meta"] or [])
+    images = list(row["images"] or [])
+    for i, image in enumerate(images):
+        meta = metas[i] if i < len(metas) else None
+        if not image or image.get("bytes") is None or (meta or {}).get("format") == image_format:
+            continue
+        try:
+            done = process_image(image["bytes"], ResizeParams(mode="none"), EncodeParams(format=image_format),
+                                 max_pixels=MAX_PIXELS, fingerprints=False)
+        except ImageError as error:
+            raise ValueError(f"sample {row['key']!r}: image {i} cannot be re-encoded as {image_format}: "
+                             f"{error.detail}") from None
+        images[i] = {**image, "bytes": done.data}
+        metas[i] = {**(meta or {}), "format": done.format, "width": done.width, "height": done.height,
+                    "num_bytes": done.num_bytes}
+    return {**row, "images": images, "image_meta": metas}
 
 
 def image_bytes(row: dict[str, Any]) -> list[bytes]:
