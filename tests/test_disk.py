@@ -88,7 +88,7 @@ def test_a_run_that_clearly_cannot_fit_is_refused_before_any_work(tmp_path, monk
     assert "needs about" in caught.value.message and "1.0 GiB free" in caught.value.message
     assert "engine.check_disk: false" in caught.value.message
     assert not (tmp_path / "out").exists()  # nothing was started: no work area, no run.json
-    assert asked == [str(tmp_path)]  # the nearest existing folder of the output: its filesystem
+    assert asked == [str(tmp_path / "out")]  # the output folder (made to hold the run's lock, then removed)
 
 
 def test_the_command_line_prints_one_clear_error_and_exits_2(tmp_path, monkeypatch):

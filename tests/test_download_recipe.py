@@ -40,7 +40,7 @@ def test_recipe_compiles_with_each_resize_mode(mode, tmp_path):
     loaded = load_recipe(RECIPE, [f"source.path={url_list}", f"output.path={tmp_path / 'out'}",
                                   "stages.fetch.resize.size=200", f"stages.fetch.resize.mode={mode}"])
     plan = compile_plan(loaded)
-    assert [stage.name for stage in plan.stages] == ["fetch", "basic_filter"]
+    assert [stage.name for stage in plan.stages] == ["fetch", "basic_filter", "roles"]  # roles: the recipe's
     assert [phase.name for phase in plan.phases] == ["prepare"]
     resize = plan.stages[0].params.resize
     assert (resize.mode, resize.size) == (mode, 200)
@@ -104,4 +104,4 @@ def test_recipe_skips_fingerprints_and_refuses_a_stage_that_reads_them(tmp_path)
 
     with_hashes = load_recipe(RECIPE, [f"source.path={url_list}", f"output.path={tmp_path / 'out'}",
                                        "stages.dedup_exact={}", "stages.fetch.fingerprints=true"])
-    assert [stage.name for stage in compile_plan(with_hashes).stages][-1] == "dedup_exact"
+    assert [stage.name for stage in compile_plan(with_hashes).stages][-2:] == ["dedup_exact", "roles"]

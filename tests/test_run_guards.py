@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,3 +251,79 @@ def test_sigint_to_the_process_group_says_so_and_the_rerun_equals_an_uninterrupt
 
     assert shards(out) == shards(tmp_path / "reference")
     assert sum(rows for _, _, rows in shards(out)) == 60
+
+
+def test_sample_runs_from_the_command_line_nest_and_are_marked_as_trials(tmp_path):
+    routes = {f"/t/{i}.jpg": Route(body=jpeg(i)) for i in range(40)}
+    with LoopbackServer(routes) as server:
+        urls = url_list(tmp_path / "urls.parquet", [server.url(f"/t/{i}.jpg") for i in range(40)])
+
+        def sample(fraction: str, out: str) -> dict:
+            result = curate("run", "download", "--no-progress", "--set", f"source.path={urls}",
+                            "--set", f"output.path={tmp_path / out}",
+                            "--set", "stages.fetch.allow_private_addresses=true", "--sample", fraction, "--seed", "3")
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert "TRIAL" in result.stdout
+            return json.loads((tmp_path / out / "manifest.json").read_text())
+
+        small, large = sample("0.25", "small"), sample("0.6", "large")
+    assert small["trial"] == {"limit": None, "sample": 0.25, "seed": 3, "rows_read": 40,
+                              "rows_skipped": 40 - small["reconciliation"]["input_rows"]}
+
+    def keys(folder: str) -> set[str]:
+        import tarfile
+
+        names = set()
+        for tar in (tmp_path / folder / "webdataset").glob("*.tar"):
+            with tarfile.open(tar) as archive:
+                names |= {m.name.split(".")[0] for m in archive if m.isfile()}
+        return names
+
+    assert 0 < len(keys("small")) < len(keys("large")) == large["reconciliation"]["output_rows"] < 40
+    assert keys("small") <= keys("large")
+
+
+def test_sigint_under_address_ends_this_run_only_and_the_cluster_stays_up(tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # its own temp dir: a cluster recorded in /tmp/ray would be joined by every later `ray.init()` on this machine
+    temp = Path(f"/tmp/curate-head-{os.getpid()}")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        routes = {f"/a/{i}.jpg": Route(body=jpeg(i), delay=0.2) for i in range(40)}
+        with LoopbackServer(routes) as server:
+            urls = url_list(tmp_path / "urls.parquet", [server.url(f"/a/{i}.jpg") for i in range(40)])
+            out = tmp_path / "out"
+            command = [*CURATE, "run", "download", "--no-progress", "--address", address,
+                       "--set", f"source.path={urls}", "--set", f"output.path={out}",
+                       "--set", "stages.fetch.allow_private_addresses=true", "--set", "stages.fetch.threads=2",
+                       "--set", "engine.rows_per_work_shard=10"]
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                                       start_new_session=True)
+            deadline = time.monotonic() + 120
+            while not list((out / "_work" / "prepare").glob("*.done.json")) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            os.killpg(process.pid, signal.SIGINT)
+            _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 130 and "interrupted" in stderr, stderr[-2000:]
+        # the cluster answers, and once the run's actors are gone every CPU is free again
+        probe_script = ("import ray, time; ray.init(address=%r, log_to_driver=False);"
+                        "deadline = time.time() + 30\n"
+                        "while ray.available_resources().get('CPU', 0) < 2 and time.time() < deadline:"
+                        " time.sleep(0.5)\n"
+                        "print(ray.available_resources().get('CPU', 0), ray.cluster_resources()['CPU'])" % address)
+        alive = subprocess.run([sys.executable, "-c", probe_script], capture_output=True, text=True, env=ENV,
+                               timeout=120)
+        assert alive.returncode == 0, alive.stderr[-2000:]
+        assert alive.stdout.split()[-2:] == ["2.0", "2.0"]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
