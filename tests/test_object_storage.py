@@ -232,7 +232,11 @@ def test_an_s3_run_writes_the_local_runs_shards_into_the_bucket(runs, s3):
 
     keys = s3_keys(filesystem, "runs/whole")
     expected = {f"{BUCKET}/runs/whole/{s['path']}" for s in remote["outputs"]["shards"]}
-    assert set(keys) == expected | {f"{BUCKET}/runs/whole/manifest.json", f"{BUCKET}/runs/whole/drops.parquet"}
+    assert set(keys) == expected | {f"{BUCKET}/runs/whole/manifest.json", f"{BUCKET}/runs/whole/drops.parquet",
+                                    f"{BUCKET}/runs/whole/webdataset/sizes.json"}
+    with filesystem.open_input_stream(f"{BUCKET}/runs/whole/webdataset/sizes.json") as stream:
+        assert json.loads(stream.read()) == {s["path"].split("/")[-1]: s["rows"] for s in remote["outputs"]["shards"]
+                                             if s["format"] == "webdataset"}
     for key in expected:  # the bytes in the bucket are the local run's bytes
         with filesystem.open_input_stream(key) as stream:
             assert stream.read() == (folder / "local" / key.split("/runs/whole/", 1)[1]).read_bytes()

@@ -386,5 +386,5 @@ def test_manifest_counts_per_role_and_resolved_role_settings(role_run):
             for member in archive.getmembers():
                 if member.name.endswith(".json"):
                     record = json.loads(archive.extractfile(member).read())
-                    tar_roles[record["key"]] = record["roles"]
+                    tar_roles[record["key"]] = json.loads(record["roles"])  # a JSON array in the .json record
     assert tar_roles == {row["key"]: row["roles"] for row in rows}
