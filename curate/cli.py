@@ -105,7 +105,7 @@ def _summarize(manifest: dict) -> None:
 @app.command()
 def demo(
     output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Where to write the demo corpus."),
-    images: int = typer.Option(240, "--images", help="How many images the synthetic web serves."),
+    images: int = typer.Option(240, "--images", min=40, help="How many images the synthetic web serves (40 or more)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Show Ray's logs."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:

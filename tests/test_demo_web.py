@@ -153,3 +153,13 @@ def test_write_url_list(web, tmp_path):
 def test_too_few_images_is_an_error():
     with pytest.raises(ValueError):
         build_synthetic_web(10)
+
+
+def test_the_demo_refuses_too_few_images_with_one_clear_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--images", "24", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "40" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
