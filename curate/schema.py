@@ -90,7 +90,7 @@ DROP_SCHEMA = pa.schema(
         pa.field("stage", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string()),
-        # the index an image removed from a kept document had in it (curate/engine/drop_log.py); null for a
+        # the index an image removed from a kept document had in it (curate/drop_log.py); null for a
         # row that drops a whole sample, the only rows "input rows = output rows + dropped rows" counts
         pa.field("image", pa.int32()),
     ]
@@ -105,22 +105,13 @@ DROP_SCHEMA = pa.schema(
 EMPTY_SCORE = -1.0  # a score the run did not compute for the sample
 EMPTY_SEGMENT_IMAGE = -1  # segments[].image of a text segment
 
-WDS_IMAGE_META = pa.struct(
-    [
-        ("url", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("original_width", pa.int64()),
-        ("original_height", pa.int64()),
-        ("sha256", pa.string()),
-        ("format", pa.string()),
-        ("original_format", pa.string()),
-        ("num_bytes", pa.int64()),
-        ("original_num_bytes", pa.int64()),
-        ("pixel_sha256", pa.string()),
-        ("phash", pa.string()),  # 16 hex digits (the int64 of Parquet, unsigned)
-    ]
-)
+# IMAGE_META with every integer as int64 (JSON has one integer type) and phash as 16 hex digits (the
+# int64 of Parquet, unsigned): a signed 64-bit hash has no typed empty value, a string has "".
+WDS_IMAGE_META = pa.struct([
+    (field.name, pa.string() if field.name == "phash" else pa.int64() if pa.types.is_integer(field.type)
+     else field.type)
+    for field in IMAGE_META
+])
 
 WDS_RECORD_SCHEMA = pa.schema(
     [

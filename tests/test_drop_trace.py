@@ -19,7 +19,7 @@ from PIL import Image
 from rich.console import Console
 
 from curate.demo.server import LoopbackServer, Route
-from curate.engine.drop_log import (
+from curate.drop_log import (
     conform_drops,
     count_rows,
     images_removed,

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import schema
-from curate.engine.drop_log import input_locators
+from curate.drop_log import input_locators
 from curate.stage import Stage, with_drops
 
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from rich.console import Console
 
-from curate.engine.drop_log import conform_drops, read_drops, sample_drops, sample_mask
+from curate.drop_log import conform_drops, read_drops, sample_drops, sample_mask
 from curate.engine.lock import OutputLock
 from curate.engine.write import finish_outputs, sinks_of
 from curate.files import read_json, sha256_file, write_json, write_table

@@ -12,11 +12,11 @@ import ray
 from rich.console import Console
 
 from curate import registry, storage
+from curate.drop_log import write_drop_log
 from curate.engine import cluster
 from curate.engine.apply import StageStats
 from curate.engine.decision import decide, decision_paths
 from curate.engine.disk import check_free_disk
-from curate.engine.drop_log import write_drop_log
 from curate.engine.lock import OutputLock, is_lock_file, remove_all_but_lock
 from curate.engine.outcome import KeptTooLittle, low_yield
 from curate.engine.phases import PhaseSpec, run_phase

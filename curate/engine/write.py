@@ -27,6 +27,11 @@ class SinkSpec:
     target: str
     params: dict[str, Any]
 
+    def build(self) -> Any:
+        """The sink itself, with its parameters validated."""
+        cls = registry.import_target(self.target)
+        return cls(cls.Params.model_validate(self.params))
+
 
 @dataclass
 class Segment:
@@ -127,10 +132,9 @@ def write_output_shard(
     layout = RunLayout(root)
     files = []
     for spec in sinks:
-        cls = registry.import_target(spec.target)
-        sink = cls(cls.Params.model_validate(spec.params))
+        sink = spec.build()
         name = spec.name
-        final = layout.output_file(name, shard.index, cls.extension)
+        final = layout.output_file(name, shard.index, sink.extension)
         with atomic_path(final) as temporary:
             tables = _segment_tables(shard.segments)
             written = sink.write(tables if keep_embeddings else _without_embeddings(tables), str(temporary))
@@ -166,8 +170,7 @@ def adapt_sinks(sinks: list[SinkSpec], files: list[storage.Location]) -> list[Si
     formats = image_formats(files)
     adapted = []
     for spec in sinks:
-        cls = registry.import_target(spec.target)
-        changes = cls(cls.Params.model_validate(spec.params)).adapt(formats)
+        changes = spec.build().adapt(formats)
         adapted.append(SinkSpec(spec.name, spec.target, {**spec.params, **changes}))
     return adapted
 
@@ -224,10 +227,8 @@ def finish_outputs(sinks: list[SinkSpec], root: storage.Location, shards: list[d
                    drops: storage.Location, started_at: float, seconds: float) -> None:
     """Let every sink describe the whole output (e.g. `sizes.json`), from its shards as listed in the manifest."""
     for spec in sinks:
-        cls = registry.import_target(spec.target)
-        sink = cls(cls.Params.model_validate(spec.params))
         own = [shard for shard in shards if shard["format"] == spec.name]
-        sink.finish(FinishedOutput(root, own, drops, started_at, seconds))
+        spec.build().finish(FinishedOutput(root, own, drops, started_at, seconds))
 
 
 def sinks_of(resolved_recipe: dict[str, Any]) -> list[SinkSpec]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import re
 import tarfile
@@ -21,14 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-import msgpack
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from curate.files import sha256_file
 from curate.report.reader import OutputUnreadable, open_output
-from curate.sinks.wds_record import row_from_record
+from curate.sinks.webdataset import read_samples, row_from_members
 
 ROWS_PER_SLICE = 256
 JPEG_QUALITY = 95
@@ -133,44 +131,10 @@ def iter_tar_rows(files: list[Path]) -> Iterator[dict[str, Any]]:
     """The samples of WebDataset shards written by the webdataset sink, as SAMPLE_SCHEMA rows."""
     for file in files:
         try:
-            with tarfile.open(file, "r:") as tar:
-                key, members = None, {}
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    name = member.name.rpartition("/")[2]
-                    member_key, _, suffix = name.partition(".")
-                    if key is not None and member_key != key:
-                        yield row_from_members(key, members, file)
-                        members = {}
-                    key = member_key
-                    members[suffix] = tar.extractfile(member).read()
-                if key is not None:
-                    yield row_from_members(key, members, file)
-        except ExportError:
-            raise
+            for key, members in read_samples(file):
+                yield row_from_members(key, members)
         except (OSError, tarfile.TarError, ValueError) as error:  # JSON and msgpack errors are ValueErrors
             raise ExportError(f"{file}: cannot read this WebDataset shard ({error}); run `curate verify`") from None
-
-
-def row_from_members(key: str, members: dict[str, bytes], file: Path) -> dict[str, Any]:
-    """Rebuild a sample row from its tar members (`json` plus `images.mp`, or `<ext>` / `<i>.<ext>`)."""
-    if "json" not in members:
-        raise ExportError(f"{file}: sample {key!r} has no .json member")
-    record = {**json.loads(members["json"]), "key": key}
-    if "images.mp" in members:
-        images = list(msgpack.unpackb(members["images.mp"], raw=False))
-    else:
-        numbered = {}
-        for suffix, data in members.items():
-            head, _, ext = suffix.partition(".")
-            if suffix in ("json", "txt"):
-                continue
-            index = 0 if not ext else int(head) if head.isdigit() else None
-            if index is not None:
-                numbered[index] = data
-        images = [numbered[i] for i in sorted(numbered)]
-    return row_from_record(record, images)
 
 
 # --------------------------------------------------------------------------- caption policy and resolution

@@ -144,7 +144,7 @@ def image_counts(files: list[Path]) -> tuple[dict[str, Any], ValueSummary]:
 def drop_log_entry(drops: Any, dropped_rows: int) -> dict[str, Any]:
     """The manifest's `drop_log`: `rows` and `by_reason` count the dropped samples (the rows that reconcile with
     the input, `image` null); `image_rows` and `images_by_reason` the images removed from kept documents, whose
-    rows the file holds too (file rows = rows + image_rows; curate/engine/drop_log.py)."""
+    rows the file holds too (file rows = rows + image_rows; curate/drop_log.py)."""
     counts = drop_log_counts(drops)
     return {"path": drops.name, "rows": dropped_rows, "image_rows": counts["image_rows"],
             "sha256": sha256_file(drops), "by_reason": counts["by_reason"],

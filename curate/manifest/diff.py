@@ -17,7 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from curate.engine.drop_log import images_removed
+from curate.drop_log import images_removed
 from curate.recipe import EXECUTION_ONLY
 from curate.report.columns import DEFAULT_MAX_ROWS, SCORES, read_distributions, summarize
 from curate.report.reader import Output, open_output

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.engine.drop_log import IMAGE, iter_drops
+from curate.drop_log import IMAGE, iter_drops
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 SAMPLE_LIMIT = 1_000_000  # values kept per field for the quantiles (8 MB as float64)
@@ -80,7 +80,7 @@ def reason_counts(drop_log: Any, images: bool = False) -> dict[str, int]:
     """Rows per drop reason of a drop log Parquet file, read one record batch at a time.
 
     Sample rows only (whole samples dropped, `image` null: what reconciles with the input); with
-    `images`, the image rows instead (images removed from kept documents). See curate/engine/drop_log.py.
+    `images`, the image rows instead (images removed from kept documents). See curate/drop_log.py.
     """
     counts = drop_log_counts(drop_log)
     return counts["images_by_reason" if images else "by_reason"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curate import registry, storage
-from curate.engine.drop_log import count_rows
+from curate.drop_log import count_rows
 from curate.files import read_json, sha256_file
 from curate.manifest.validate import ManifestInvalid, validate_manifest
 

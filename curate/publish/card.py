@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 
-from curate.engine.drop_log import images_removed
+from curate.drop_log import images_removed
 
 LOADABLE_FORMATS = ("parquet", "webdataset")  # `datasets` builders that read curate's shard formats
 TASKS_BY_KIND = {"pair": ["image-to-text", "text-to-image"], "edit": ["image-to-image"],

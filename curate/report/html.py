@@ -11,7 +11,7 @@ import html
 from pathlib import Path
 from typing import Any, Iterable
 
-from curate.engine.drop_log import count_rows, images_removed
+from curate.drop_log import count_rows, images_removed
 from curate.files import atomic_path
 from curate.report.columns import DEFAULT_MAX_ROWS, Distributions, read_distributions
 from curate.report.plots import render_plots

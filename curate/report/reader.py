@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import msgpack
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.files import RunLayout
-from curate.sinks.wds_record import row_from_record
+from curate.sinks.webdataset import read_samples, row_from_members
 
 
 class OutputUnreadable(ValueError):
@@ -106,24 +104,11 @@ def read_group(group: RowGroup, columns: list[str]) -> pa.Table:
 def iter_tar_samples(files: list[Path], with_images: bool = False) -> Iterator[dict[str, Any]]:
     """The samples of WebDataset tars as SAMPLE_SCHEMA rows rebuilt from their `.json` record.
 
-    Image bytes are read only when asked (`images` is empty otherwise).
+    Image bytes are read only when asked (`images` is empty otherwise; image 0 only in the members layout).
     """
+    def wanted(suffix: str) -> bool:
+        return suffix == "json" or (with_images and suffix != "txt" and (suffix == "images.mp" or "." not in suffix))
+
     for file in files:
-        with tarfile.open(file, "r:") as tar:
-            key, record, images = None, None, []
-            for member in tar:
-                if not member.isfile():
-                    continue
-                member_key, _, suffix = member.name.rpartition("/")[2].partition(".")
-                if key is not None and member_key != key:
-                    yield row_from_record({**(record or {}), "key": key}, images)
-                    record, images = None, []
-                key = member_key
-                if suffix == "json":
-                    record = json.loads(tar.extractfile(member).read())
-                elif with_images and suffix == "images.mp":
-                    images = list(msgpack.unpackb(tar.extractfile(member).read(), raw=False))
-                elif with_images and "." not in suffix and suffix != "txt" and not images:
-                    images = [tar.extractfile(member).read()]
-            if key is not None:
-                yield row_from_record({**(record or {}), "key": key}, images)
+        for key, members in read_samples(file, wanted):
+            yield row_from_members(key, members)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import registry, schema
-from curate.engine.drop_log import IMAGE, iter_drops, sample_drops
+from curate.drop_log import IMAGE, iter_drops, sample_drops
 from curate.report.reader import Output, iter_tar_samples, read_group, row_groups
 from curate.stage import RecipeError
 

@@ -25,9 +25,7 @@ so a run and `curate retry` rewrite the files the same way.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from collections import Counter
 from typing import Any
 
@@ -35,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import storage
-from curate.engine.drop_log import IMAGE, count_rows, iter_drops, sample_drops
+from curate.drop_log import IMAGE, count_rows, iter_drops, sample_drops
 from curate.files import write_json
 from curate.storage import Location
 
@@ -142,9 +140,6 @@ def shard_stats(rows: list[dict[str, Any]], started_at: float, seconds: float) -
 
 def tar_records(tar: Location) -> list[dict[str, Any]]:
     """The `.json` records of a tar, in order (image members are skipped, not read)."""
-    records = []
-    with storage.open_stream(tar) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
-        for member in archive:
-            if member.isfile() and member.name.endswith(".json"):
-                records.append(json.load(io.BytesIO(archive.extractfile(member).read())))
-    return records
+    from curate.sinks.webdataset import read_samples  # the sink module imports this one
+
+    return [json.loads(members["json"]) for _, members in read_samples(tar, lambda suffix: suffix == "json")]

@@ -26,18 +26,19 @@ has the same member set.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections import Counter
-from typing import Any, ClassVar, Iterable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
 
 import msgpack
 import pyarrow as pa
 
-from curate import schema
+from curate import schema, storage
 from curate.fetch.config import EncodeParams, ResizeParams
 from curate.fetch.image import ImageError, process_image
 from curate.sinks.base import FinishedOutput, Sink
-from curate.sinks.wds_record import record_bytes, record_features, sample_record
+from curate.sinks.wds_record import record_bytes, record_features, row_from_record, sample_record
 from curate.sinks.wds_side_files import write_img2dataset_files, write_sizes
 from curate.stage import Params
 
@@ -240,6 +241,46 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
+
+
+def read_samples(path: Any, wanted: Callable[[str], bool] = lambda suffix: True,
+                 ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) of every sample of a tar this sink wrote, in order, streamed (a local path or a
+    store URL); members whose suffix `wanted` refuses are skipped without being read."""
+    with storage.open_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        key, members = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            member_key, _, suffix = member.name.rpartition("/")[2].partition(".")
+            if key is not None and member_key != key:
+                yield key, members
+                members = {}
+            key = member_key
+            if wanted(suffix):
+                members[suffix] = tar.extractfile(member).read()
+        if key is not None:
+            yield key, members
+
+
+def row_from_members(key: str, members: dict[str, bytes]) -> dict[str, Any]:
+    """The SAMPLE_SCHEMA row (without embeddings) of one sample's members: `json` plus `images.mp`, or
+    `<ext>` / `<i>.<ext>` (images missing from `members` are left out). ValueError without a `.json`."""
+    if "json" not in members:
+        raise ValueError(f"sample {key!r} has no .json member")
+    if PACKED_IMAGES in members:
+        images = list(msgpack.unpackb(members[PACKED_IMAGES], raw=False))
+    else:
+        numbered = {}
+        for suffix, data in members.items():
+            head, _, ext = suffix.partition(".")
+            if suffix in ("json", "txt"):
+                continue
+            index = 0 if not ext else int(head) if head.isdigit() else None
+            if index is not None:
+                numbered[index] = data
+        images = [numbered[i] for i in sorted(numbered)]
+    return row_from_record({**json.loads(members["json"]), "key": key}, images)
 
 
 def member_key(name: str) -> str:
