@@ -12,7 +12,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from curate.engine.outcome import KeptTooLittle
 from curate.stage import RecipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -47,11 +46,9 @@ def _run_recipe(recipe: str, overrides: list[str], address: Optional[str], dry_r
             console.print("[green]recipe is valid[/] (dry run: nothing was fetched or written)")
             return None
         return execute(plan, console, address=address, verbose=verbose, overwrite=overwrite, progress=progress,
-                       break_lock=break_lock)
+                       break_lock=break_lock, judge=False)  # judged after the summary, so the warning ends it
     except RecipeError as error:
         _fail(str(error))
-    except KeptTooLittle as error:
-        _fail(f"{error} (--strict)", code=1)
     except StageFailure as error:
         _fail(f"stage failure: {error}", code=1)
     return None
@@ -90,6 +87,18 @@ def run(
     manifest = _run_recipe(recipe, overrides, address, dry_run, overwrite, verbose, progress, break_lock=break_lock)
     if manifest is not None:
         _summarize(manifest)
+        _judge(manifest)
+
+
+def _judge(manifest: dict) -> None:
+    """End a run's output with the low-yield warning (exit 1 under --strict / output.strict)."""
+    from curate.engine.outcome import KeptTooLittle
+    from curate.engine.run import judge_yield
+
+    try:
+        judge_yield(manifest, errors)
+    except KeptTooLittle as error:
+        _fail(f"{error} (--strict)", code=1)
 
 
 def _summarize(manifest: dict) -> None:
@@ -122,6 +131,7 @@ def demo(
                                False, True, verbose, progress)
     if manifest is not None:
         _summarize(manifest)
+        _judge(manifest)
 
 
 @app.command()

@@ -262,16 +262,20 @@ def _refuse_to_delete_a_precious_folder(plan: Plan) -> None:
 
 
 def execute(plan: Plan, console: Console, address: str | None = None, verbose: bool = False,
-            overwrite: bool = False, progress: bool = True, break_lock: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, progress: bool = True, break_lock: bool = False,
+            judge: bool = True) -> dict[str, Any]:
     """Run the plan to completion (resuming earlier work) and return the manifest.
 
     The output folder's lock is held throughout (curate/engine/lock.py): while another live process
     holds it, OutputLocked is raised before anything is read or written, unless `break_lock`.
+    With `judge`, a run that kept too little ends with a warning, or KeptTooLittle under
+    `output.strict` (the CLI judges after printing its summary instead).
     """
     storage.configure(plan.storage_config)  # the driver's reads of plain URLs; workers get the same config
     with OutputLock(plan.layout.root, break_lock=break_lock,
                     say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)):
-        return _execute(plan, console, address, verbose, overwrite, progress)
+        manifest = _execute(plan, console, address, verbose, overwrite, progress)
+    return judge_yield(manifest, console) if judge else manifest
 
 
 def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, overwrite: bool,
@@ -281,7 +285,7 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
     layout, recipe = plan.layout, plan.loaded.recipe
     if state == "complete":
         console.print(f"[green]already complete:[/] {layout.root} (same recipe; nothing to do)")
-        return judge_yield(read_json(layout.manifest), recipe.output, console)
+        return read_json(layout.manifest)
     if recipe.engine.check_disk:  # before any work: refuse a run that clearly cannot fit on the output's disk
         check_free_disk(plan, warn=lambda text: console.print(f"[bold yellow]warning:[/] {text}", highlight=False))
     started_at, started = time.time(), time.perf_counter()
@@ -353,14 +357,15 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
     write_json(layout.manifest, manifest)
     if not recipe.engine.keep_work:
         storage.remove_tree(layout.work, ignore_errors=True)
-    return judge_yield(manifest, recipe.output, console)
+    return manifest
 
 
-def judge_yield(manifest: dict[str, Any], output: Any, console: Console) -> dict[str, Any]:
+def judge_yield(manifest: dict[str, Any], console: Console) -> dict[str, Any]:
     """Warn when the run kept too little of its input (KeptTooLittle with `output.strict`); return the manifest."""
-    warning = low_yield(manifest, output.min_kept_fraction)
+    output = manifest["recipe"]["resolved"]["output"]
+    warning = low_yield(manifest, output.get("min_kept_fraction", 0.01))  # outputs made before both keys existed
     if warning is not None:
-        if output.strict:
+        if output.get("strict"):
             raise KeptTooLittle(warning)
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     return manifest
