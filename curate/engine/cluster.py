@@ -34,7 +34,8 @@ def connect(address: str | None = None, verbose: bool = False) -> dict[str, floa
     if not ray.is_initialized():
         with _keeping_signal_handlers():
             ray.init(
-                address=address or os.environ.get("RAY_ADDRESS") or None,
+                # "local": a new Ray on this machine, never whichever cluster /tmp/ray last recorded
+                address=address or os.environ.get("RAY_ADDRESS") or "local",
                 include_dashboard=False,
                 log_to_driver=verbose,
                 logging_level=logging.INFO if verbose else logging.ERROR,
