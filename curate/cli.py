@@ -1,4 +1,4 @@
-"""The `curate` command line: run, demo, inspect, verify, diff, recipes, publish, export."""
+"""The `curate` command line: run, demo, inspect, verify, diff, retry, clean, recipes, publish, export."""
 
 from __future__ import annotations
 
@@ -217,6 +217,31 @@ def retry(
     except StageFailure as error:
         _fail(f"stage failure: {error}", code=1)
     _summarize(manifest)
+
+
+@app.command()
+def clean(
+    output: str = typer.Argument(..., help="An output folder (local, or s3://...)."),
+    pool: bool = typer.Option(False, "--pool", help="Delete the pool (_pool/: fetched images and annotations)."),
+    work: bool = typer.Option(False, "--work", help="Delete the work area (_work/) of an unfinished or kept run."),
+    break_lock: bool = typer.Option(False, "--break-lock", help="Take the output folder's lock even though "
+                                    "another process holds it (only when that process is dead)."),
+) -> None:
+    """Delete an output folder's pool and/or work area; the manifest, shards and drop log stay."""
+    from curate.engine.clean import clean_output
+
+    if not pool and not work:
+        _fail("say what to delete: --pool, --work or both")
+    try:
+        removed = clean_output(output, pool=pool, work=work, break_lock=break_lock,
+                               say=lambda line: errors.print(line, markup=False, highlight=False))
+    except RecipeError as error:
+        _fail(str(error))
+    if not removed:
+        console.print("nothing to delete")
+    for entry in removed:
+        size = f" ({entry.bytes:,} bytes)" if entry.bytes is not None else ""
+        console.print(f"deleted {entry.path}{size}", highlight=False)
 
 
 @app.command()

@@ -46,14 +46,19 @@ def sha256_file(path: str | os.PathLike | StoragePath, chunk: int = 4 * 1024 * 1
 class RunLayout:
     """Paths of one run's output folder.
 
-    OUT/manifest.json, OUT/drops.parquet, OUT/<format>/part-NNNNN.<ext> and the
-    work area OUT/_work/ (input split, one folder per phase, write markers).
+    OUT/manifest.json, OUT/drops.parquet, OUT/<format>/part-NNNNN.<ext>, the pool OUT/_pool/ (the input
+    split and every stage's annotation tables, image bytes stored once; it outlives the run unless
+    `engine.keep_pool: false`) and the work area OUT/_work/ (selection steps, decisions, write markers).
     The root is a local `Path` or a `StoragePath` (s3://, gs://, ...); every path below is of the same kind.
     """
+
+    POOL_PHASES = ("input",)
+    ANNOTATIONS = "annotations"
 
     def __init__(self, root: Location | str):
         self.root = location(root)
         self.work = self.root / "_work"
+        self.pool = self.root / "_pool"
 
     @property
     def manifest(self) -> Location:
@@ -68,13 +73,22 @@ class RunLayout:
         return self.work / "run.json"
 
     def phase_dir(self, phase: str) -> Location:
+        """The folder of a step: the split and annotation tables are in the pool, the rest in the work area."""
+        if phase in self.POOL_PHASES or phase.startswith(self.ANNOTATIONS + "/"):
+            return self.pool / phase
         return self.work / phase
+
+    def annotation_phase(self, stage: str) -> str:
+        """The step name under which `stage`'s annotation tables are kept."""
+        return f"{self.ANNOTATIONS}/{stage}"
 
     def shard_file(self, phase: str, shard: int) -> Location:
         return self.phase_dir(phase) / f"{shard:05d}.parquet"
 
     def drops_file(self, phase: str, shard: int) -> Location:
-        return self.phase_dir(phase) / f"{shard:05d}.drops.parquet"
+        """A step's drop log of one work shard (the split's stays in the work area: it outlives a deleted pool)."""
+        folder = self.work / phase if phase in self.POOL_PHASES else self.phase_dir(phase)
+        return folder / f"{shard:05d}.drops.parquet"
 
     def marker(self, phase: str, shard: int) -> Location:
         return self.phase_dir(phase) / f"{shard:05d}.done.json"

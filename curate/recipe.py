@@ -81,7 +81,10 @@ class EngineSpec(BaseModel):
     # drop: a sample whose processing raises is dropped (reason stage_error), unless the whole batch fails;
     # raise: any exception stops the run.
     on_sample_error: Literal["drop", "raise"] = "drop"
-    keep_work: bool = False  # keep the work shards after a successful run
+    keep_work: bool = False  # keep the work area (selection steps, decisions) after a successful run
+    # keep the pool (input split, image bytes, annotation tables) after the run; false deletes each pool
+    # shard as soon as its output shards are written (`curate clean OUT --pool` deletes a kept one)
+    keep_pool: bool = True
     check_disk: bool = True  # refuse to start when the output's disk clearly lacks space (curate/engine/disk.py)
 
 
@@ -113,7 +116,7 @@ class TrialSpec(BaseModel):
 # Settings that change how a run executes but not what it produces: left out of the recipe hash,
 # so a run can be resumed with more workers, on a cluster, or from a moved output folder.
 EXECUTION_ONLY = {"output": ("path", "min_kept_fraction", "strict"),
-                  "engine": ("address", "workers", "keep_work", "check_disk"),
+                  "engine": ("address", "workers", "keep_work", "keep_pool", "check_disk"),
                   "storage": ("endpoint_url", "region")}
 
 
@@ -134,6 +137,9 @@ class Recipe(BaseModel):
     roles: dict[str, dict[str, Any] | Literal[False]] | None = Field(default_factory=dict)
     roles_required: bool = False  # true: a sample that meets no role is dropped (`no_role`)
     trial: TrialSpec = TrialSpec()  # `--limit N` / `--sample F --seed S`: part of the input only
+    # stages whose criteria stop rows before the stages after them are annotated (cheap checks before a
+    # model: a row failing them reaches no later stage); stages before the one that fetches are gates anyway
+    gates: list[str] = Field(default_factory=list)
 
 
 class LoadedRecipe:
@@ -171,6 +177,8 @@ class LoadedRecipe:
                 identity[section].pop(key, None)
             if not identity[section]:
                 del identity[section]  # a section of execution-only keys alone (storage) leaves no trace
+        if not identity["gates"]:
+            del identity["gates"]  # recipes without gates hash as before gates existed
         if not TrialSpec.model_validate(identity["trial"]).active:
             del identity["trial"]  # a full run hashes as before trials existed
         if not identity["roles"] and not identity["roles_required"]:

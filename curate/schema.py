@@ -29,6 +29,8 @@ IMAGE_META = pa.struct(
         ("sha256", pa.string()),  # of the original bytes as fetched
         ("format", pa.string()),  # encoding of `images[i].bytes`: jpg / webp / png
         ("original_format", pa.string()),  # what the host served: JPEG, PNG, GIF, ...
+        ("original_mode", pa.string()),  # Pillow's mode of the image as served: RGB, RGBA, CMYK, L, P, ...
+        ("exif_orientation", pa.int32()),  # the EXIF orientation tag of the original, 1 when absent
         ("num_bytes", pa.int64()),  # size of `images[i].bytes`
         ("original_num_bytes", pa.int64()),
         ("pixel_sha256", pa.string()),  # of the decoded RGB pixels (exact copies re-encoded identically)

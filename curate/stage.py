@@ -3,14 +3,34 @@
 A stage is a small class with a `name`, a pydantic `Params` model (unknown keys
 rejected), declared `resources`, `preflight()` (cheap checks at plan time, before
 any work: files and model weights exist), `setup()` (load heavy things once per
-worker) and `process(batch) -> batch`.
+worker) and two steps:
 
-A batch is an Arrow table of unified samples (curate.schema.SAMPLE_SCHEMA). A
-stage fills its columns and may add a `drop_reason` column (null = keep) with an
-optional `drop_detail`; the engine moves dropped rows to the drop log, so a stage
-only ever sees live rows. A sample-level failure is a drop with a reason; an
-exception escaping `process` is a stage-level failure and stops the run, naming
-the work shard.
+- `annotate(batch) -> batch` computes: it fills the columns the stage `provides`
+  (scores, embeddings, measurements in `meta`, ...). It sets `drop_reason` only
+  when nothing is left to annotate (a 404, bytes that are not an image, a stage
+  error): those are the stage's *hard* drops.
+- `select(batch) -> batch` decides: it sets `drop_reason` (null = keep) and
+  `drop_detail` from the annotated columns alone, never from image bytes, by the
+  stage's selection params (thresholds, policies).
+
+`process(batch)` is both in one go. A stage that only overrides `process` (older
+stages) has all its drops treated as hard ones: they are computed with its
+annotations and recorded with them.
+
+Declarations the engine reads (it never names a stage): `scope` (per "sample" or
+"corpus"-wide), `reads` and `provides` (sample columns), `reads_images` (needs
+`images[].bytes`; else the engine leaves the bytes out of its batches),
+`reads_image_fingerprints` / `fingerprints_images`, `resources`, `version`, and
+which Params fields are `annotation_params` (they change computed values and are
+part of the annotation's fingerprint) or `selection_params` (thresholds and
+policies: changing one never recomputes anything). Every field is one or the
+other. A stage with `write_transform` changes image bytes at the write
+(`transform(batch)`, e.g. face blurring), from what it annotated.
+
+A batch is an Arrow table of unified samples (curate.schema.SAMPLE_SCHEMA). The
+engine moves dropped rows to the drop log. A sample-level failure is a drop with a
+reason; an exception escaping a step is a stage-level failure and stops the run,
+naming the work shard.
 """
 
 from __future__ import annotations
@@ -89,6 +109,18 @@ class Stage:
     # which images this stage fills image_meta.pixel_sha256 / phash for: "fetched" (downloaded), "stored" (came with
     # bytes), or None; the plan refuses a stage that reads fingerprints nothing before it computes
     fingerprints_images: ClassVar[str | None] = None
+    # the Params field that turns the fingerprints off, named in the plan's error when they are needed
+    fingerprints_switch: ClassVar[str | None] = None
+    # True for the stage that turns a URL source's rows into images (the plan requires one for such sources)
+    fetches_urls: ClassVar[bool] = False
+    scope: ClassVar[Literal["sample", "corpus"]] = "sample"
+    version: ClassVar[int] = 1  # raise it when the stage computes different values for the same params
+    reads: ClassVar[frozenset[str]] = frozenset()  # sample columns read (besides `key`)
+    provides: ClassVar[frozenset[str]] = frozenset()  # sample columns filled or changed
+    reads_images: ClassVar[bool] = False  # needs images[].bytes
+    annotation_params: ClassVar[frozenset[str]] = frozenset()
+    selection_params: ClassVar[frozenset[str]] = frozenset()
+    write_transform: ClassVar[bool] = False  # transform(batch) is applied to the kept rows at the write
 
     def __init__(self, params: Params, context: StageContext | None = None):
         self.params = params
@@ -110,7 +142,43 @@ class Stage:
 
     def process(self, batch: pa.Table) -> pa.Table:
         """Return `batch` with this stage's columns filled and, optionally, `drop_reason` set."""
-        raise NotImplementedError
+        return self.select(self.annotate(batch))
+
+    def annotate(self, batch: pa.Table) -> pa.Table:
+        """Fill the columns this stage provides; set `drop_reason` only where nothing is left to annotate."""
+        if type(self).process is not Stage.process:  # a stage with one step: its drops are all hard
+            return self.process(batch)
+        raise NotImplementedError(f"{type(self).__name__} implements neither annotate() nor process()")
+
+    def select(self, batch: pa.Table) -> pa.Table:
+        """Set `drop_reason` by this stage's criteria, from annotated columns only (no image bytes)."""
+        return batch
+
+    @classmethod
+    def splits_steps(cls) -> bool:
+        """True when the stage's criteria are a separate `select` step (re-selectable without recomputing)."""
+        return cls.select is not Stage.select or cls.process is Stage.process
+
+    def forgets_drops(self) -> bool:
+        """True when the pool must forget the rows this stage hard-drops (bytes, URLs, captions blanked), e.g. a
+        blocklist whose listed samples must leave no trace in the output folder."""
+        return False
+
+    def transform(self, batch: pa.Table) -> pa.Table:
+        """With `write_transform`: change the kept rows' image bytes at the write, from their annotations."""
+        return batch
+
+    def fingerprint(self) -> dict:
+        """What the stage's annotations depend on: stage, version, annotation params, weights and precision."""
+        params = self.params.model_dump(mode="json")
+        models = self.model_info()
+        return {
+            "stage": self.name,
+            "version": self.version,
+            "params": {name: params[name] for name in sorted(self.annotation_params) if name in params},
+            "weights": sorted(str(m.get("sha256") or m.get("weights") or m.get("name")) for m in models),
+            "precision": sorted({str(m.get("precision") or self.context.device) for m in models}),
+        }
 
     def teardown(self) -> None:
         """Release what `setup` acquired."""
@@ -163,6 +231,7 @@ class CorpusStage(Stage):
     """
 
     columns: ClassVar[tuple[str, ...]] = ("key",)
+    scope: ClassVar[Literal["sample", "corpus"]] = "corpus"
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict]:
         """Return (drops: key/reason/detail table, summary for the manifest)."""

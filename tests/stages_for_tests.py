@@ -50,6 +50,7 @@ class HashScoreStage(Stage):
     """Sets scores.clip_score from the key, so corpus-wide tests know every score in advance."""
 
     name = "hash_score"
+    provides = frozenset({"scores"})
     phase = "model"
 
     def process(self, batch: pa.Table) -> pa.Table:

@@ -95,11 +95,15 @@ def test_binary_hash_index_finds_the_same_pairs_as_the_flat_one():
 # -- tables ------------------------------------------------------------------------------------------
 
 
+ORIGINAL_FIELDS = ("original_width", "original_height", "original_mode", "exif_orientation", "original_num_bytes")
+
+
 def row(key: str, processed=None, clip_score=None, embedding=None, meta=None) -> dict:
     image_meta = None
     if processed is not None:
         image_meta = [{"width": processed.width, "height": processed.height, "sha256": processed.sha256,
-                       "pixel_sha256": processed.pixel_sha256, "phash": processed.phash}]
+                       "pixel_sha256": processed.pixel_sha256, "phash": processed.phash,
+                       **{name: getattr(processed, name) for name in ORIGINAL_FIELDS}}]
     embeddings = None if embedding is None else {"model": "curate-tiny", "image": embedding.tolist(), "text": None}
     return {"key": key, "kind": "pair", "image_meta": image_meta, "scores": {"clip_score": clip_score},
             "embeddings": embeddings, "meta": meta}
@@ -172,7 +176,9 @@ def exact_groups(truth: dict) -> dict[str, object]:
 
 def test_exact_finds_byte_and_pixel_copies_only(photo_corpus):
     table, truth = photo_corpus
-    decision, summary = DedupExact(DedupExact.Params()).decide(table)
+    # the input order keeps the original, so its byte copy is removed as "same bytes" (by default the PNG,
+    # with the most bytes, would be kept and every other copy linked to it by "same pixels")
+    decision, summary = DedupExact(DedupExact.Params(keep=["source_order"])).decide(table)
     precision, recall, removed = precision_recall(decision, exact_groups(truth))
     print(f"\nexact: precision {precision:.3f} recall {recall:.3f} removed {removed} {summary['index']}")
     assert precision >= 0.99 and recall == 1.0
@@ -228,12 +234,14 @@ def keep_set(decision: pa.Table, table: pa.Table) -> set[str]:
 
 
 def test_input_order_and_reruns_do_not_change_the_decision(photo_corpus):
+    """Where the keep criteria tell every copy apart (here distinct scores), the input order plays no part."""
     table, _ = photo_corpus
     rng = np.random.default_rng(5)
-    scores = pa.array([{"clip_score": float(s)} for s in rng.choice([0.2, 0.3, 0.4], len(table))], schema.SCORES)
+    scores = pa.array([{"clip_score": float(s)} for s in rng.permutation(len(table)) / len(table)], schema.SCORES)
     table = table.set_column(table.schema.get_field_index("scores"), "scores", scores)
-    for stage in (DedupExact(DedupExact.Params()), DedupPerceptual(DedupPerceptualParams()),
-                  DedupPerceptual(DedupPerceptualParams(policy="components", exact_below=0))):
+    keep = ["clip_score"]
+    for stage in (DedupExact(DedupExact.Params(keep=keep)), DedupPerceptual(DedupPerceptualParams(keep=keep)),
+                  DedupPerceptual(DedupPerceptualParams(policy="components", exact_below=0, keep=keep))):
         reference, summary = stage.decide(table)
         assert summary["removed"] > 0
         for seed in range(3):
@@ -244,14 +252,16 @@ def test_input_order_and_reruns_do_not_change_the_decision(photo_corpus):
                                                                                key=lambda r: r["key"])
 
 
-def test_higher_clip_score_is_kept(photo_corpus):
+def test_a_full_size_copy_is_kept_by_default_the_best_scored_when_asked(photo_corpus):
     table, truth = photo_corpus
     scores = pa.array([{"clip_score": 0.9 if truth[k][1] == "half" else 0.1} for k in table.column("key").to_pylist()],
                       schema.SCORES)
     table = table.set_column(table.schema.get_field_index("scores"), "scores", scores)
-    decision, _ = DedupPerceptual(DedupPerceptualParams()).decide(table)
-    kept = keep_set(decision, table)
-    assert {truth[k][1] for k in kept} == {"half"}
+    decision, summary = DedupPerceptual(DedupPerceptualParams()).decide(table)
+    kept = {truth[k][1] for k in keep_set(decision, table)}
+    assert kept <= {"original", "bytes", "comment", "png", "q50"} and summary["kept_because"]["original_pixels"] > 0
+    decision, _ = DedupPerceptual(DedupPerceptualParams(keep=["clip_score", "original_pixels"])).decide(table)
+    assert {truth[k][1] for k in keep_set(decision, table)} == {"half"}
 
 
 def test_annotations_keep_earlier_methods_and_details_name_the_kept_key(photo_corpus):
@@ -333,7 +343,10 @@ def test_semantic_at_the_real_clip_default_merges_same_caption_drawings(scene_co
 
 def test_semantic_is_order_independent_with_ivf(scene_corpus):
     table, _ = scene_corpus
-    stage = DedupSemantic(DedupSemanticParams(threshold=0.995, exact_below=0, nprobe=2))
+    scores = pa.array([{"clip_score": float(s)} for s in np.random.default_rng(2).permutation(len(table))],
+                      schema.SCORES)
+    table = table.set_column(table.schema.get_field_index("scores"), "scores", scores)
+    stage = DedupSemantic(DedupSemanticParams(threshold=0.995, exact_below=0, nprobe=2, keep=["clip_score"]))
     reference, summary = stage.decide(table)
     assert summary["removed"] > 0
     shuffled = table.take(np.random.default_rng(1).permutation(len(table)))

@@ -72,16 +72,42 @@ def test_partitioned_decision_matches_the_single_process_one(corpus, local_ray, 
     assert not (tmp_path / "semantic").exists()  # the shuffle files are removed afterwards
 
 
-def test_partitioned_decision_does_not_depend_on_shard_order(corpus, local_ray, tmp_path):
+def dropped(decision: pa.Table) -> dict[str, str]:
+    return {r["key"]: r["detail"] for r in decision.to_pylist() if r["reason"]}
+
+
+def test_partitioned_decision_does_not_depend_on_shard_order_when_the_criteria_decide(corpus, local_ray, tmp_path):
     _, _, files = corpus
-    stage = DedupSemantic(DedupSemanticParams(threshold=THRESHOLD, partition_above=0, cluster_rows=300))
-    forward, _, _ = stage.decide_files(files, str(tmp_path / "a"))
-    backward, _, _ = stage.decide_files(files[::-1], str(tmp_path / "b"))
-
-    def dropped(decision: pa.Table) -> dict[str, str]:
-        return {r["key"]: r["detail"] for r in decision.to_pylist() if r["reason"]}
-
+    scored = []
+    for n, path in enumerate(files):  # distinct clip scores, so that source order never breaks a tie
+        table = pq.read_table(path)
+        scores = pa.array([{"clip_score": float(n * ROWS + r)} for r in range(table.num_rows)], schema.SCORES)
+        scored.append(str(tmp_path / f"scored-{n}.parquet"))
+        pq.write_table(table.set_column(table.schema.get_field_index("scores"), "scores", scores), scored[-1])
+    stage = DedupSemantic(DedupSemanticParams(threshold=THRESHOLD, partition_above=0, cluster_rows=300,
+                                              keep=["clip_score"]))
+    forward, _, _ = stage.decide_files(scored, str(tmp_path / "a"))
+    backward, _, _ = stage.decide_files(scored[::-1], str(tmp_path / "b"))
     assert dropped(forward) == dropped(backward)
+
+
+def test_partitioned_and_single_process_break_ties_by_the_same_source_order(local_ray, tmp_path):
+    """Equal on every criterion, the earlier row in work-shard order is kept, partitioned or not."""
+    base = np.eye(DIM, dtype=np.float32)[:8]
+    rows = [{"key": schema.sample_key("ties", n, None), "kind": "pair",
+             "embeddings": {"model": "synthetic", "image": base[n % 8].tolist(), "text": None}} for n in range(32)]
+    files = []
+    for s in range(4):
+        files.append(str(tmp_path / f"part-{s}.parquet"))
+        pq.write_table(schema.from_rows(rows[s * 8:(s + 1) * 8]), files[-1])
+    for order in (files, files[::-1]):
+        single, _, _ = DedupSemantic(DedupSemanticParams(threshold=THRESHOLD)).decide_files(order, str(tmp_path))
+        split, _, _ = DedupSemantic(DedupSemanticParams(threshold=THRESHOLD, partition_above=0, cluster_rows=4)
+                                    ).decide_files(order, str(tmp_path))
+        first_shard = {r["key"] for r in pq.read_table(order[0]).to_pylist()}
+        assert dropped(single) == dropped(split)
+        assert len(dropped(single)) == 24 and not first_shard & set(dropped(single))
+        assert all("; kept for source_order: row " in detail for detail in dropped(single).values())
 
 
 def test_plan_bounds_memory_and_uses_every_cpu():

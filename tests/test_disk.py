@@ -65,9 +65,9 @@ def test_the_estimate_is_rows_times_encoded_size_times_copies(tmp_path):
     plan = plan_of(url_recipe(tmp_path, 1000))
     estimate = estimate_run_bytes(plan)
     per_sample = int(512 * 512 * 3 * disk.ENCODING_FACTOR["jpg"])
-    assert (estimate.rows, estimate.bytes_per_sample, estimate.copies) == (1000, per_sample, 3)  # prepare + 2 formats
+    assert (estimate.rows, estimate.bytes_per_sample, estimate.copies) == (1000, per_sample, 3)  # pool + 2 formats
     assert estimate.total_bytes == 1000 * per_sample * 3
-    assert "1,000 rows" in estimate.how and "1 work phase(s) + 2 output format(s)" in estimate.how
+    assert "1,000 rows" in estimate.how and "1 in the pool + 2 output format(s)" in estimate.how
     webp = estimate_run_bytes(plan_of(url_recipe(tmp_path, 1000), "stages.fetch.encode.format=webp",
                                       "output.formats=[parquet]"))
     assert webp.total_bytes == 1000 * int(512 * 512 * 3 * disk.ENCODING_FACTOR["webp"]) * 2
@@ -169,6 +169,8 @@ def test_check_disk_false_runs_anyway_and_keep_work_keeps_the_work_area(tmp_path
         free_space(monkeypatch, free=0, under=tmp_path)  # "no space at all" for this folder only
         manifest = execute(plan_of(recipe), Console(file=io.StringIO()), progress=False)
     assert manifest["reconciliation"]["ok"] and manifest["reconciliation"]["output_rows"] == 1
-    work = tmp_path / "out" / "_work"
-    assert sorted(p.name for p in (work / "prepare").glob("*.done.json")) == ["00000.done.json", "00001.done.json"]
-    assert (work / "input" / "_SUCCESS.json").exists() and (work / "write" / "plan.json").exists()
+    work, pool = tmp_path / "out" / "_work", tmp_path / "out" / "_pool"
+    assert sorted(p.name for p in (work / "select").glob("*.done.json")) == ["00000.done.json", "00001.done.json"]
+    assert sorted(p.name for p in (pool / "annotations" / "fetch").glob("*.done.json")) == [
+        "00000.done.json", "00001.done.json"]
+    assert (pool / "input" / "_SUCCESS.json").exists() and (work / "write" / "plan.json").exists()

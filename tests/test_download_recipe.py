@@ -41,7 +41,7 @@ def test_recipe_compiles_with_each_resize_mode(mode, tmp_path):
                                   "stages.fetch.resize.size=200", f"stages.fetch.resize.mode={mode}"])
     plan = compile_plan(loaded)
     assert [stage.name for stage in plan.stages] == ["fetch", "basic_filter", "roles"]  # roles: the recipe's
-    assert [phase.name for phase in plan.phases] == ["prepare"]
+    assert [group.name for group in plan.groups] == ["prepare"]
     resize = plan.stages[0].params.resize
     assert (resize.mode, resize.size) == (mode, 200)
     assert [sink.name for sink in plan.sinks] == ["webdataset"]

@@ -274,11 +274,12 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
-# Prepare runs 5 work shards on 2 workers, so a kill after shard 2 leaves some undone; the 3 output
-# shards are written concurrently, so a kill in the write phase may come after all of them (but
-# always before the drop log and the manifest).
-@pytest.mark.parametrize("phase, shard, total", [("prepare", 2, 4), ("write", 0, 3)])
-def test_interrupted_run_resumes_to_the_same_shards(uninterrupted, demo_web, tmp_path, phase, shard, total):
+# Prepare (fetch and basic filters annotating into the pool) runs 5 work shards on 2 workers, so a kill
+# after shard 2 leaves some undone; the 3 output shards are written concurrently, so a kill in the write
+# phase may come after all of them (but always before the drop log and the manifest).
+@pytest.mark.parametrize("phase, shard, total, folder", [("prepare", 2, 4, "_pool/annotations/fetch"),
+                                                         ("write", 0, 3, "_work/write")])
+def test_interrupted_run_resumes_to_the_same_shards(uninterrupted, demo_web, tmp_path, phase, shard, total, folder):
     server, url_list = demo_web
     _, reference, _ = uninterrupted
     output = tmp_path / "killed"
@@ -295,7 +296,7 @@ def test_interrupted_run_resumes_to_the_same_shards(uninterrupted, demo_web, tmp
     killed = cli(*args, env={"CURATE_TEST_CRASH_AFTER": f"{phase}:{shard}"})
     assert killed.returncode == 86, killed.stderr
     assert not (output / "manifest.json").exists()
-    finished = sorted(p.name for p in (output / "_work" / phase).glob("*.done.json"))
+    finished = sorted(p.name for p in (output / folder).glob("*.done.json"))
     assert f"{shard:05d}.done.json" in finished and len(finished) <= total
 
     hits_before = {path: route.hits for path, route in server.routes.items()}
@@ -319,20 +320,27 @@ def with_models(demo_web, tmp_path_factory):
     return execute(compile_plan(loaded), Console(file=io.StringIO()), progress=False)
 
 
-# One crash in the model phase and one in a corpus phase (after its decision was saved and one
-# work shard had the decision applied); prepare and write are covered above.
-@pytest.mark.parametrize("phase, shard", [("model", 1), ("dedup_perceptual", 0)])
-def test_a_crash_in_a_model_or_corpus_phase_resumes_to_the_same_shards(with_models, demo_web, tmp_path, phase,
-                                                                         shard):
+# A crash at every step after the split: annotating with the models (`model`), the first selection step
+# (`select`), a corpus stage's saved decision (`decide-...`) and one work shard of the step that applies it,
+# the drop log (`drops`), and, with `engine.keep_pool: false`, the release of a written work shard's pool data
+# (`release`); prepare and write are covered above. keep_pool is execution-only: the output is the same.
+@pytest.mark.parametrize("phase, shard, keep_pool", [("model", 1, True), ("select", 1, True),
+                                                     ("decide-dedup_exact", 0, True), ("dedup_perceptual", 0, True),
+                                                     ("drops", 0, True), ("release", 1, False)])
+def test_a_crash_at_any_step_resumes_to_the_same_shards(with_models, demo_web, tmp_path, phase, shard, keep_pool):
     _, url_list = demo_web
     output = tmp_path / "killed"
+    settings = [*DETERMINISM, f"engine.keep_pool={str(keep_pool).lower()}"]
     args = ["run", str(DEMO_RECIPE), "--no-progress", "--set", f"source.path={url_list}", "--set",
-            f"output.path={output}", *[a for pair in DETERMINISM for a in ("--set", pair)]]
+            f"output.path={output}", *[a for pair in settings for a in ("--set", pair)]]
     killed = cli(*args, env={"CURATE_TEST_CRASH_AFTER": f"{phase}:{shard}"})
     assert killed.returncode == 86, killed.stderr
     assert not (output / "manifest.json").exists()
-    if phase.startswith("dedup"):
-        assert (output / "_work" / phase / "decision.json").exists()
+    if phase.startswith(("dedup", "decide")):
+        assert (output / "_work" / phase.removeprefix("decide-") / "decision.json").exists()
+    if phase == "release":  # the released work shard's pool data is gone, its markers stay
+        assert not (output / "_pool" / "input" / "00001.parquet").exists()
+        assert (output / "_pool" / "annotations" / "fetch" / "00001.done.json").exists()
     resumed = cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     manifest = json.loads((output / "manifest.json").read_text())
@@ -344,6 +352,7 @@ def test_a_crash_in_a_model_or_corpus_phase_resumes_to_the_same_shards(with_mode
         return {name: {k: v for k, v in d.items() if k != "seconds"} for name, d in decisions.items()}
 
     assert without_timing(manifest["decisions"]) == without_timing(with_models["decisions"])
+    assert (output / "_pool").exists() == keep_pool
 
 def test_rerun_of_a_finished_output_is_a_no_op(uninterrupted, demo_web):
     server, url_list = demo_web

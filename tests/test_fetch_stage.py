@@ -140,6 +140,8 @@ def check_image(row, index, url, served_bytes, original_format, original_size, s
         "sha256": hashlib.sha256(served_bytes).hexdigest(),
         "format": "png",
         "original_format": original_format,
+        "original_mode": "RGB",
+        "exif_orientation": 1,
         "num_bytes": len(image["bytes"]),
         "original_num_bytes": len(served_bytes),
         "pixel_sha256": hashlib.sha256(pixels).hexdigest(),

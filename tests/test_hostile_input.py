@@ -572,7 +572,8 @@ def test_a_run_over_hostile_rows_accounts_for_every_row_with_the_expected_reason
 def test_a_run_over_hostile_rows_writes_nothing_outside_its_output_folder(hostile_run):
     output, _, _, before, after = hostile_run
     assert after == before
-    assert sorted(p.name for p in output.iterdir()) == ["drops.parquet", "manifest.json", "parquet", "webdataset"]
+    assert sorted(p.name for p in output.iterdir()) == ["_pool", "drops.parquet", "manifest.json", "parquet",
+                                                        "webdataset"]
 
 
 def tampered(hostile_run, tmp_path) -> tuple[Path, dict]:

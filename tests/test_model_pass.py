@@ -70,16 +70,18 @@ def test_mismatched_captions_are_dropped_by_the_clip_filter(demo_run):
     assert clip["preprocessing"]["size"] == clip["image_size"] and len(clip["preprocessing"]["mean"]) == 3
 
 
-def test_scores_are_recorded_and_embeddings_stay_in_the_work_area(demo_run):
+def test_scores_are_recorded_and_embeddings_stay_in_the_pool(demo_run):
     output, manifest, _ = demo_run
     table = pq.read_table(output / "parquet")
     scores = table.column("scores").to_pylist()
     assert all(s["clip_score"] is not None and -1 <= s["clip_score"] <= 1 for s in scores)
     assert all(s["aesthetic"] is not None for s in scores)
     assert table.column("embeddings").null_count == table.num_rows  # not in the shards unless output.embeddings
-    shards = sorted((output / "_work" / "model").glob("[0-9]*[0-9].parquet"))
-    work = pq.read_table(shards, columns=["embeddings"]).column("embeddings").to_pylist()
-    assert all(e is not None and len(e["image"]) == len(e["text"]) > 0 for e in work)
+    tables = sorted((output / "_pool" / "annotations" / "clip_score").glob("[0-9]*[0-9].parquet"))
+    pool = pq.read_table(tables, columns=["key", "embeddings"])
+    embeddings = dict(zip(pool.column("key").to_pylist(), pool.column("embeddings").to_pylist()))
+    kept = [embeddings[key] for key in table.column("key").to_pylist()]
+    assert all(e is not None and len(e["image"]) == len(e["text"]) > 0 for e in kept)
     assert "clip_score" in manifest["statistics"] and "aesthetic" in manifest["statistics"]
 
 

@@ -58,9 +58,9 @@ def test_losing_a_node_mid_run_loses_no_row(two_node_cluster, tmp_path):
         runner = threading.Thread(target=run)
         runner.start()
         deadline = time.monotonic() + 120
-        while not list((output / "_work" / "prepare").glob("*.done.json")) and time.monotonic() < deadline:
+        while not list((output / "_pool/annotations/fetch").glob("*.done.json")) and time.monotonic() < deadline:
             time.sleep(0.05)
-        done_before = len(list((output / "_work" / "prepare").glob("*.done.json")))
+        done_before = len(list((output / "_pool/annotations/fetch").glob("*.done.json")))
         cluster.remove_node(worker_node)
         runner.join(timeout=300)
     assert not runner.is_alive(), "the run did not finish after the node loss"

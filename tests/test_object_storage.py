@@ -232,8 +232,10 @@ def test_an_s3_run_writes_the_local_runs_shards_into_the_bucket(runs, s3):
 
     keys = s3_keys(filesystem, "runs/whole")
     expected = {f"{BUCKET}/runs/whole/{s['path']}" for s in remote["outputs"]["shards"]}
-    assert set(keys) == expected | {f"{BUCKET}/runs/whole/manifest.json", f"{BUCKET}/runs/whole/drops.parquet",
-                                    f"{BUCKET}/runs/whole/webdataset/sizes.json"}
+    pool = {key for key in keys if key.startswith(f"{BUCKET}/runs/whole/_pool/")}  # kept in the bucket too
+    assert {key.split("/_pool/", 1)[1].split("/")[0] for key in pool} == {"input", "annotations"}
+    assert set(keys) - pool == expected | {f"{BUCKET}/runs/whole/manifest.json", f"{BUCKET}/runs/whole/drops.parquet",
+                                           f"{BUCKET}/runs/whole/webdataset/sizes.json"}
     with filesystem.open_input_stream(f"{BUCKET}/runs/whole/webdataset/sizes.json") as stream:
         assert json.loads(stream.read()) == {s["path"].split("/")[-1]: s["rows"] for s in remote["outputs"]["shards"]
                                              if s["format"] == "webdataset"}
@@ -280,7 +282,7 @@ def test_a_killed_s3_run_resumes_in_the_bucket_to_the_same_shards(runs, s3):
     killed = cli(*args, endpoint=endpoint, crash_after="prepare:2")
     assert killed.returncode == 86, killed.stderr
     keys = s3_keys(filesystem, "runs/killed")
-    assert f"{BUCKET}/runs/killed/_work/prepare/00002.done.json" in keys
+    assert f"{BUCKET}/runs/killed/_pool/annotations/fetch/00002.done.json" in keys
     assert f"{BUCKET}/runs/killed/manifest.json" not in keys
     assert not any("/parquet/" in key for key in keys)
 

@@ -93,8 +93,9 @@ def test_every_usage_command_of_the_readme_runs(web, hub_env):
                                 timeout=600)
         assert result.returncode == 0, f"{shlex.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         ran.append((arguments[0], result))
-    assert [name for name, _ in ran] == ["run", "run", "run", "recipes", "run", "inspect", "verify", "retry", "diff",
-                                         "publish", "export"]
+    assert [name for name, _ in ran] == ["run", "run", "run", "recipes", "run", "inspect", "verify", "retry", "clean",
+                                         "diff", "publish", "export"]
+    assert "deleted" in ran[8][1].stdout and not (web / "out" / "_pool").exists()
     out = json.loads((web / "out" / "manifest.json").read_text())
     assert out["retries"][0]["recovered_rows"] == 1  # the 503s were retried and merged in
     assert out["reconciliation"]["ok"] and out["reconciliation"]["output_rows"] == 41

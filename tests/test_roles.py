@@ -253,20 +253,22 @@ def test_expressions_are_never_evaluated_as_python():
 # --------------------------------------------------------------------------- placement in the plan
 
 
-def test_the_role_step_is_the_last_step_of_the_last_phase(tmp_path):
+def test_the_role_step_is_the_last_step_of_the_selection(tmp_path):
     urls = pa.table({"url": ["http://example.org/a.jpg"], "caption": ["a red square"]})
     pq.write_table(urls, tmp_path / "urls.parquet")
     roles = {"generation": {"when": "aesthetic >= 5"}}
     demo = load_recipe(write_recipe(tmp_path, roles), [f"source.path={tmp_path / 'urls.parquet'}"])
-    phases = compile_plan(demo).phases
-    assert [p.name for p in phases] == ["prepare"] and [s.name for s in phases[-1].stages] == ["fetch", "roles"]
+    plan = compile_plan(demo)
+    assert [(g.name, [s.name for s in g.stages]) for g in plan.groups] == [("prepare", ["fetch"])]
+    assert [(seg.name, [s.name for s in seg.stages]) for seg in plan.segments] == [("select", ["fetch", "roles"])]
 
     (tmp_path / "scored.yaml").write_text(yaml.safe_dump(scored_recipe(roles, tmp_path / "o"), sort_keys=False))
     plan = compile_plan(load_recipe(tmp_path / "scored.yaml", [f"source.path={tmp_path / 'urls.parquet'}"]))
-    assert [p.name for p in plan.phases] == ["prepare", "model", "dedup_exact"]
-    assert plan.phases[-1].corpus is not None  # a corpus stage last: the step follows its applied decision
-    assert [s.name for s in plan.phases[-1].stages] == ["dedup_exact", "roles"]
-    assert all("roles" not in [s.name for s in p.stages] for p in plan.phases[:-1])
+    assert [g.name for g in plan.groups] == ["prepare", "model"]
+    assert [seg.name for seg in plan.segments] == ["select", "dedup_exact"]
+    assert plan.segments[-1].corpus_stage == "dedup_exact"  # a corpus stage last: the step follows its decision
+    assert [s.name for s in plan.segments[-1].stages] == ["roles"]
+    assert all("roles" not in [s.name for s in p.stages] for p in [*plan.groups, *plan.segments[:-1]])
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -275,7 +277,8 @@ def test_the_role_step_is_the_last_step_of_the_last_phase(tmp_path):
             "roles": roles}
     (tmp_path / "bare.yaml").write_text(yaml.safe_dump(bare))
     plan = compile_plan(load_recipe(tmp_path / "bare.yaml"))
-    assert [(p.name, [s.name for s in p.stages]) for p in plan.phases] == [("roles", ["roles"])]
+    assert plan.groups == [] and [(seg.name, [s.name for s in seg.stages]) for seg in plan.segments] == [
+        ("select", ["roles"])]
 
     without = compile_plan(load_recipe(write_recipe(tmp_path, {}), [f"source.path={tmp_path / 'urls.parquet'}"]))
     assert all("roles" not in [s.name for s in p.stages] for p in without.phases)

@@ -229,7 +229,7 @@ def test_sigint_to_the_process_group_says_so_and_the_rerun_equals_an_uninterrupt
         process = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                                    start_new_session=True)
         deadline = time.monotonic() + 120
-        while not list((out / "_work" / "prepare").glob("*.done.json")) and time.monotonic() < deadline:
+        while not list((out / "_pool/annotations/fetch").glob("*.done.json")) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert process.poll() is None, process.communicate()
         os.killpg(process.pid, signal.SIGINT)
@@ -308,7 +308,7 @@ def test_sigint_under_address_ends_this_run_only_and_the_cluster_stays_up(tmp_pa
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                                        start_new_session=True)
             deadline = time.monotonic() + 120
-            while not list((out / "_work" / "prepare").glob("*.done.json")) and time.monotonic() < deadline:
+            while not list((out / "_pool/annotations/fetch").glob("*.done.json")) and time.monotonic() < deadline:
                 time.sleep(0.2)
             os.killpg(process.pid, signal.SIGINT)
             _, stderr = process.communicate(timeout=120)

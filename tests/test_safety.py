@@ -364,8 +364,9 @@ def test_presets_put_the_safety_stages_in_their_own_phase_after_dedup(tmp_path):
                    tmp_path / "urls.parquet")
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     plan = compile_plan(load_recipe(tmp_path / "recipe.yaml"))
-    assert [p.name for p in plan.phases][-1] == "safety"
-    assert [s.name for s in plan.phases[-1].stages] == ["nsfw", "watermark", "faces", "roles"]  # demo's roles last
+    assert [g.name for g in plan.groups][-1] == "safety"
+    assert [s.name for s in plan.groups[-1].stages] == ["nsfw", "watermark", "faces"]
+    assert [s.name for s in plan.segments[-1].stages] == ["nsfw", "watermark", "faces", "roles"]  # demo's roles last
     resolved = plan.loaded.resolved()["stages"]
     assert resolved["nsfw"]["max_score"] == 0.3 and resolved["faces"]["blur"] is True
     recipe["include"] = ["laion_safety"]

@@ -1,21 +1,24 @@
 """What every dedup method shares: reading the columns, ordering rows, and writing the decision.
 
 A method gives `decide_duplicates` the rows it can judge (a boolean mask: rows without
-the method's hash or embedding are left alone) and a function that finds edges between
-ranks; this module orders the rows, applies the keep policy and builds the decision
-table (drops and group annotations) and the summary.
+the method's hash or embedding are left alone), a function that finds edges between
+ranks and its `keep` list; this module orders the rows by that list (policy.Preference),
+applies the grouping policy and builds the decision table (drops, with which copy was kept
+and why, and group annotations) and the summary (with `keep` and `kept_because`, the
+removals counted per deciding criterion).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.dedup.policy import Removal, keep, preference_order
+from curate.dedup.policy import LEGACY_KEEP, Preference, Removal
+from curate.dedup.policy import keep as apply_policy
 
 EXAMPLE_GROUPS = 5
 # (ranks i, ranks j, measure strings) for rows already in preference order
@@ -48,64 +51,82 @@ def pixels(table: pa.Table) -> np.ndarray:
 
 
 def decide_duplicates(
-    method: str, table: pa.Table, judged: np.ndarray, policy: str, find_edges: EdgeFinder, summary: dict[str, Any]
+    method: str, table: pa.Table, judged: np.ndarray, policy: str, find_edges: EdgeFinder, summary: dict[str, Any],
+    keep: Sequence[str] = LEGACY_KEEP,
 ) -> tuple[pa.Table, dict[str, Any]]:
-    """Order the `judged` rows, find their edges, keep by `policy`; return (decision table, summary).
+    """Order the `judged` rows by `keep`, find their edges, keep by `policy`; return (decision table, summary).
 
     `find_edges(rows)` gets the table row indices in preference order and returns edges
     as rank pairs with their measures, plus extra summary fields (index type, ...).
+    `keep` is a validated keep list (policy.keep_criteria); dedup_text uses the default.
     """
     keys = table.column("key").to_pylist()
     if len(set(keys)) != len(keys):
         raise ValueError(f"dedup_{method}: sample keys are not unique")
-    candidates = np.flatnonzero(judged)
-    rows = candidates[preference_order([keys[r] for r in candidates], clip_scores(table)[candidates],
-                                       pixels(table)[candidates])]
+    preference = Preference(table, keep)
+    rows = preference.order(np.flatnonzero(judged))
     i, j, measures, extra = find_edges(rows)
-    removals = keep(policy, len(rows), list(zip(i.tolist(), j.tolist(), measures)))
-    ranked_keys = [keys[r] for r in rows]
+    removals = apply_policy(policy, len(rows), list(zip(i.tolist(), j.tolist(), measures)))
     metas = table.column("meta").to_pylist() if "meta" in table.column_names else [None] * len(keys)
-    decision, groups = _decision(method, ranked_keys, [metas[r] for r in rows], removals)
+    decision, groups, because = _decision(method, keys, metas, rows, removals, preference)
     examples = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))[:EXAMPLE_GROUPS]
     summary = {
         "method": method,
         **summary,
         "policy": policy,
+        "keep": list(preference.keep),
         **extra,
         "judged": len(rows),
         "pairs": len(measures),
         "groups": len(groups),
         "removed": len(removals),
+        "kept_because": because,
         "examples": [members for _, members in examples],
     }
     return decision, summary
 
 
 def _decision(
-    method: str, ranked_keys: list[str], ranked_metas: list[str | None], removals: list[Removal]
-) -> tuple[pa.Table, dict[int, list[str]]]:
-    """The decision rows (one per member of a group of two or more) and the groups (kept rank -> keys)."""
+    method: str, keys: list[str], metas: list[str | None], rows: np.ndarray, removals: list[Removal],
+    preference: Preference,
+) -> tuple[pa.Table, dict[int, list[str]], dict[str, int]]:
+    """The decision rows (one per member of a group of two or more), the groups (kept rank -> keys),
+    and the removals per deciding criterion.
+
+    `rows` are the table rows in rank order; a removal's detail names the kept key, the
+    closeness and the criterion that preferred the kept sample, with both values.
+    """
     members: dict[int, list[int]] = {}
     for removal in removals:
         members.setdefault(removal.kept, [removal.kept]).append(removal.rank)
     removed = {removal.rank: removal for removal in removals}
-    rows = {"key": [], "reason": [], "detail": [], "annotation": []}
+    because = dict.fromkeys(preference.keep, 0)
+    out = {"key": [], "reason": [], "detail": [], "annotation": []}
     for kept, ranks in sorted(members.items()):
-        group = ranked_keys[kept]
+        group = keys[rows[kept]]
         for rank in ranks:
             removal = removed.get(rank)
-            rows["key"].append(ranked_keys[rank])
-            rows["annotation"].append(annotation(ranked_metas[rank], method, group))
+            out["key"].append(keys[rows[rank]])
+            out["annotation"].append(annotation(metas[rows[rank]], method, group))
             if removal is None:
-                rows["reason"].append(None)
-                rows["detail"].append(None)
+                out["reason"].append(None)
+                out["detail"].append(None)
                 continue
-            rows["reason"].append(f"duplicate_{method}")
-            linked = "" if removal.via == kept else f" to {ranked_keys[removal.via]}"
-            rows["detail"].append(f"duplicate of {group} ({removal.measure}{linked})")
-    groups = {kept: [ranked_keys[rank] for rank in ranks] for kept, ranks in members.items()}
-    types = pa.schema([(name, pa.string()) for name in rows])
-    return pa.table(rows, schema=types), groups
+            criterion, why = preference.explain(int(rows[kept]), int(rows[rank]))
+            if criterion is not None:
+                because[criterion] += 1
+            out["reason"].append(f"duplicate_{method}")
+            out["detail"].append(_detail(group, removal, None if removal.via == kept else keys[rows[removal.via]], why))
+    groups = {kept: [keys[rows[rank]] for rank in ranks] for kept, ranks in members.items()}
+    types = pa.schema([(name, pa.string()) for name in out])
+    return pa.table(out, schema=types), groups, because
+
+
+def _detail(group: str, removal: Removal, via: str | None, why: str | None) -> str:
+    """"duplicate of <kept key> (<measure>[ to <linking key>])[; kept for <criterion>: <kept> vs <removed>]"."""
+    linked = f" to {via}" if via else ""
+    kept_for = f"; kept for {why}" if why else ""
+    return f"duplicate of {group} ({removal.measure}{linked}){kept_for}"
 
 
 def annotation(meta: str | None, method: str, group: str) -> str:

@@ -89,6 +89,14 @@ class Decontaminate(CorpusStage):
     reads_image_fingerprints = True
     Params = DecontaminateParams
     columns = ("key", "image_meta", "embeddings", "captions")
+    reads = frozenset({"image_meta", "embeddings", "captions"})
+    provides = frozenset()  # drops only: nothing is annotated
+    reads_images = False
+    # the evaluation images, the model that embeds them and whether they are embedded at all change what is
+    # compared against
+    annotation_params = frozenset({"sets", "model", "semantic"})
+    selection_params = frozenset({"exact", "perceptual", "max_distance", "threshold", "captions",
+                                  "min_caption_chars"})
 
     def preflight(self) -> None:
         """Every evaluation set exists; the CLIP weights are there when semantic matching is on."""

@@ -4,8 +4,8 @@ Two samples are exact duplicates when the sha256 of the original bytes of all th
 images are equal, or the sha256 of all their decoded pixels are (image_meta.sha256 and
 image_meta.pixel_sha256, filled by fetch). Both relations are equivalences and equal
 bytes decode to equal pixels, so the groups are connected components; the most
-preferred member of each is kept (see policy.preference_order). Rows without hashes are
-not judged.
+preferred member of each by `keep` is kept (see curate/dedup/policy.py). Rows without
+hashes are not judged.
 """
 
 from __future__ import annotations
@@ -15,15 +15,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
 from curate.dedup.common import decide_duplicates
+from curate.dedup.policy import DEFAULT_KEEP, KeepCriteria
 from curate.stage import CorpusStage, Params
 
 MEASURES = {"sha256": "same bytes", "pixel_sha256": "same pixels"}
 
 
 class DedupExactParams(Params):
-    """No settings: exact duplicates are exact."""
+    """Which copy of a group is kept (exact duplicates are exact: nothing else to set)."""
+
+    keep: KeepCriteria = Field(default_factory=lambda: list(DEFAULT_KEEP))
 
 
 def image_hashes(table: pa.Table, field: str) -> list[str | None]:
@@ -44,6 +48,11 @@ class DedupExact(CorpusStage):
     reads_image_fingerprints = True
     Params = DedupExactParams
     columns = ("key", "image_meta", "scores", "meta")
+    reads = frozenset({"image_meta", "scores", "meta"})
+    provides = frozenset({"meta"})  # meta.dedup.exact.group of every group member
+    reads_images = False
+    annotation_params = frozenset()
+    selection_params = frozenset({"keep"})
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict]:
         """Group rows by equal byte hashes or equal pixel hashes; drop all but one per group."""
@@ -67,4 +76,4 @@ class DedupExact(CorpusStage):
             return np.array(i, dtype=np.int64), np.array(j, dtype=np.int64), measures, {"index": "hash table"}
 
         return decide_duplicates("exact", table, judged, "components", find_edges,
-                                 {"threshold": "equal sha256 of bytes or of pixels"})
+                                 {"threshold": "equal sha256 of bytes or of pixels"}, keep=self.params.keep)

@@ -4,7 +4,8 @@ image_meta[0].phash (filled by fetch, see curate/fetch/image.py) of two samples 
 Hamming distance `max_distance` (of 64 bits) makes them duplicates: re-encodings at
 another quality, resized copies, small crops or colour shifts. Pairs are found with a
 FAISS binary index (search.binary_pairs). Groups follow `policy` (SemDeDup-style greedy
-keeping by default; `components` merges whole chains). Rows without a hash are not judged.
+keeping by default; `components` merges whole chains), visiting the samples in the order
+of `keep` (curate/dedup/policy.py). Rows without a hash are not judged.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.dedup.common import decide_duplicates, first_image_field
+from curate.dedup.policy import DEFAULT_KEEP, KeepCriteria
 from curate.dedup.search import binary_pairs, phash_codes
 from curate.stage import CorpusStage, Params
 
 
 class DedupPerceptualParams(Params):
-    """How close two hashes must be, how to group, and when to leave the exact index."""
+    """How close two hashes must be, how to group, which copy to keep, and when to leave the exact index."""
 
     max_distance: int = Field(6, ge=0, le=32)
     policy: Literal["semdedup", "components"] = "semdedup"
+    keep: KeepCriteria = Field(default_factory=lambda: list(DEFAULT_KEEP))
     exact_below: int = Field(200_000, ge=0)  # IndexBinaryFlat up to this many rows, IndexBinaryMultiHash above
 
 
@@ -35,6 +38,11 @@ class DedupPerceptual(CorpusStage):
     reads_image_fingerprints = True
     Params = DedupPerceptualParams
     columns = ("key", "image_meta", "scores", "meta")
+    reads = frozenset({"image_meta", "scores", "meta"})
+    provides = frozenset({"meta"})  # meta.dedup.perceptual.group of every group member
+    reads_images = False
+    annotation_params = frozenset()
+    selection_params = frozenset({"max_distance", "policy", "keep", "exact_below"})
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict]:
         """Find pairs within `max_distance` bits and drop per `policy`."""
@@ -48,4 +56,4 @@ class DedupPerceptual(CorpusStage):
             return i, j, [f"hamming {d}" for d in distance.tolist()], {"index": index}
 
         return decide_duplicates("perceptual", table, judged, params.policy, find_edges,
-                                 {"threshold": f"hamming <= {params.max_distance} of 64 bits"})
+                                 {"threshold": f"hamming <= {params.max_distance} of 64 bits"}, keep=params.keep)

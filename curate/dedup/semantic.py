@@ -4,7 +4,8 @@ Reads `embeddings.image` (float16, written by clip_score), converts it to float3
 L2-normalises it again (float16 rounding). Two samples with cosine >= `threshold` are
 duplicates. Pairs come from k-nearest-neighbour search plus the threshold
 (search.float_pairs): exact `IndexFlatIP` up to `exact_below` rows, `IndexIVFFlat` above;
-on the GPU when faiss-gpu sees one. Groups follow `policy` (SemDeDup-style by default).
+on the GPU when faiss-gpu sees one. Groups follow `policy` (SemDeDup-style by default),
+visiting the samples in the order of `keep` (curate/dedup/policy.py).
 
 The threshold depends on the model: 0.95 suits real CLIPs (SemDeDup removes at
 1 - eps with eps ~ 0.05); the project's tiny CLIP needs its own (TINY_CLIP_THRESHOLD,
@@ -29,6 +30,7 @@ from pydantic import Field
 from curate import storage
 from curate.dedup.common import decide_duplicates
 from curate.dedup.partitioned import partitioned_pairs
+from curate.dedup.policy import DEFAULT_KEEP, KeepCriteria
 from curate.dedup.search import float_pairs
 from curate.stage import CorpusStage, Params
 
@@ -36,11 +38,12 @@ TINY_CLIP_THRESHOLD = 0.9995
 
 
 class DedupSemanticParams(Params):
-    """Cosine threshold, neighbours searched per sample, grouping, and the index choice."""
+    """Cosine threshold, neighbours searched per sample, grouping, which copy to keep, and the index choice."""
 
     threshold: float = Field(0.95, gt=-1.0, le=1.0)
     k: int = Field(32, ge=1)
     policy: Literal["semdedup", "components"] = "semdedup"
+    keep: KeepCriteria = Field(default_factory=lambda: list(DEFAULT_KEEP))
     exact_below: int = Field(100_000, ge=0)  # IndexFlatIP up to this many rows, IndexIVFFlat above
     nprobe: int = Field(16, ge=1)
     # Above this many rows the search runs over k-means partitions as parallel Ray tasks.
@@ -77,6 +80,12 @@ class DedupSemantic(CorpusStage):
     name = "dedup_semantic"
     Params = DedupSemanticParams
     columns = ("key", "image_meta", "scores", "embeddings", "meta")
+    reads = frozenset({"image_meta", "scores", "embeddings", "meta"})
+    provides = frozenset({"meta"})  # meta.dedup.semantic.group of every group member
+    reads_images = False
+    annotation_params = frozenset()
+    selection_params = frozenset({"threshold", "k", "policy", "keep", "exact_below", "nprobe", "partition_above",
+                                  "cluster_rows", "probe"})
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict]:
         """Find pairs with cosine >= `threshold` among k nearest neighbours and drop per `policy`."""
@@ -89,7 +98,7 @@ class DedupSemantic(CorpusStage):
             return i, j, [f"cosine {c:.4f}" for c in cosine.tolist()], {"index": index, "k": params.k}
 
         return decide_duplicates("semantic", table, judged, params.policy, find_edges,
-                                 {"threshold": f"cosine >= {params.threshold}", "models": models})
+                                 {"threshold": f"cosine >= {params.threshold}", "models": models}, keep=params.keep)
 
     def decide_files(self, files: list[str], work_dir: str) -> tuple[pa.Table, dict, int]:
         """Small corpora: one process (see `decide`). Large ones: k-means partitions searched by Ray tasks."""
@@ -117,6 +126,7 @@ class DedupSemantic(CorpusStage):
             return rank[i], rank[j], [f"cosine {c:.4f}" for c in cosine.tolist()], {"index": index}
 
         drops, summary = decide_duplicates("semantic", table, judged, params.policy, find_edges,
-                                           {"threshold": f"cosine >= {params.threshold}", "models": models})
+                                           {"threshold": f"cosine >= {params.threshold}", "models": models},
+                                           keep=params.keep)
         storage.remove_tree(partitions, ignore_errors=True)
         return drops, summary, rows

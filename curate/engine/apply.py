@@ -75,14 +75,16 @@ def split_drops(table: pa.Table, stage_name: str) -> tuple[pa.Table, pa.Table]:
 STAGE_ERROR = "stage_error"
 
 
-def process_isolating_errors(stage: Stage, batch: pa.Table) -> pa.Table:
-    """`stage.process(batch)`; if it raises, process row by row and drop the rows that raise.
+def process_isolating_errors(stage: Stage, batch: pa.Table, step: str = "process") -> pa.Table:
+    """`stage.<step>(batch)` (process, annotate or select); if it raises, run it row by row and drop the
+    rows that raise.
 
     When every row of a batch of several rows raises, the failure is the stage's,
     not the samples': the first error is raised again.
     """
+    run = getattr(stage, step)
     try:
-        return stage.process(batch)
+        return run(batch)
     except Exception as error:  # narrowed down to the failing samples below
         stage.take_counters()  # the failed batch's partial counts; the rows are counted again one by one
         if batch.num_rows == 1:
@@ -91,7 +93,7 @@ def process_isolating_errors(stage: Stage, batch: pa.Table) -> pa.Table:
     for index in range(batch.num_rows):
         row = batch.slice(index, 1)
         try:
-            results.append(_with_drop_columns(stage.process(row)))
+            results.append(_with_drop_columns(run(row)))
         except Exception as error:  # the sample's failure: recorded as its drop reason
             failures.append(error)
             results.append(with_drops(row, [STAGE_ERROR], [_describe(error)]))

@@ -1,12 +1,13 @@
 """Free disk before a run: estimate what a run will write and refuse to start when it clearly cannot fit.
 
-The estimate (`estimate_run_bytes`) is the peak a local output folder reaches, just before the
-work area is removed:
+The estimate (`estimate_run_bytes`) is the peak a local output folder reaches, with the pool
+(curate/engine/pool.py) complete and every output shard written:
 
-  copies      the work shards of every phase after the split (each holds the samples' image
-              bytes: the work area is kept until the manifest is written), plus one file per
-              output format; plus the split itself when the source's images are stored (a URL
-              list's split holds URLs only and is not counted)
+  copies      the pool's copies of the image bytes: one per per-sample stage that provides images
+              (fetch, decode: their annotation tables hold the bytes), plus one file per output
+              format; plus the split itself when the source's images are stored (a URL list's
+              split holds URLs only and is not counted). Annotation tables without images,
+              selection steps and decisions hold no image bytes and are not counted
   per copy    input rows x bytes per sample. A sample's image, when resized and re-encoded (fetch,
               or decode without keep_bytes): size^2 x 3 bytes x an encoding factor (jpg 0.12,
               webp 0.06, png 0.5: typical web photos at the default qualities); resize mode
@@ -67,28 +68,29 @@ def estimate_run_bytes(plan: "Plan") -> DiskEstimate | None:
     source = plan.source
     stored = not getattr(source, "needs_fetch", False)
     rows = estimate_rows(source)
-    encoded = _encoded_sample_bytes(plan.loaded.stage_params)
-    copies = len(plan.phases) + len(plan.sinks)
+    encoded = _encoded_sample_bytes(plan.stages)
+    image_copies = sum(1 for stage in plan.stages if stage.scope == "sample" and "images" in stage.provides)
+    copies = image_copies + len(plan.sinks)
     input_bytes = _stored_bytes(getattr(source, "path", None)) if stored else 0
     if stored and input_bytes is None:
         return None
     if stored:
-        phases = f"{len(plan.phases)} work phase(s) + {len(plan.sinks)} output format(s)"
+        phases = f"{image_copies} in the pool + {len(plan.sinks)} output format(s)"
         if encoded is None or not rows:  # images kept as stored (or rows unknown): every copy is the input's size
             per_sample = input_bytes // rows if rows else None
             total = input_bytes * (1 + copies)
-            how = f"{_size(input_bytes)} of stored images, in the work area and {copies} more copies ({phases})"
+            how = f"{_size(input_bytes)} of stored images, in the pool's split and {copies} more copies ({phases})"
         else:  # re-encoded: each copy after the split holds images of about the resized size
             per_sample = min(encoded, input_bytes // rows)
             total = input_bytes + rows * per_sample * copies
-            how = (f"{_size(input_bytes)} of stored images in the work area, then {rows:,} rows x about "
+            how = (f"{_size(input_bytes)} of stored images in the pool's split, then {rows:,} rows x about "
                    f"{_size(per_sample)} per sample x {copies} copies ({phases})")
         return DiskEstimate(total, rows, per_sample, copies + 1, how)
     if rows is None or encoded is None:
         return None
     total = rows * encoded * copies
     how = (f"{rows:,} rows x about {_size(encoded)} per sample x {copies} copies "
-           f"({len(plan.phases)} work phase(s) + {len(plan.sinks)} output format(s))")
+           f"({image_copies} in the pool + {len(plan.sinks)} output format(s))")
     return DiskEstimate(total, rows, encoded, copies, how)
 
 
@@ -161,9 +163,11 @@ def _text_lines(path: str) -> int:
     return lines if size <= SAMPLE_BYTES else int(lines * size / max(1, len(head)))
 
 
-def _encoded_sample_bytes(stage_params: dict[str, Any]) -> int | None:
-    """Bytes of one resized, re-encoded image per the fetch or decode settings; None when images are kept as is."""
-    params = stage_params.get("fetch") or stage_params.get("decode")
+def _encoded_sample_bytes(stages: list[Any]) -> int | None:
+    """Bytes of one resized, re-encoded image per the settings of the last stage that provides images (fetch,
+    decode); None when images are kept as is."""
+    params = next((s.params for s in reversed(stages) if s.scope == "sample" and "images" in s.provides
+                   and hasattr(s.params, "resize") and hasattr(s.params, "encode")), None)
     if params is None or getattr(params, "keep_bytes", False):
         return None
     resize, encode = params.resize, params.encode

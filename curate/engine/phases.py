@@ -1,83 +1,68 @@
-"""Drive one phase of per-sample stages over all work shards on a Ray actor pool."""
+"""Drive a step over all work shards: on a pool of Ray actors (stages with models) or as Ray tasks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
 
-from curate import storage
-from curate.engine.cluster import WorkerPlan
-from curate.engine.crash import crash_if_asked
-from curate.engine.worker import PhaseWorker, StageSpec
-from curate.files import RunLayout, read_json
-from curate.stage import StageContext, StageFailure
+from curate.stage import StageFailure
 
 WORKER_DEATHS_PER_SHARD = 3
 REPLACEMENT_WAIT = 600.0  # seconds without any running shard, waiting for a replacement worker
 
 
-@dataclass
-class PhaseSpec:
-    """A phase: its name, the phase it reads from, and its stages."""
+def run_actor_pool(
+    name: str,
+    pending: list[int],
+    new_actor: Callable[[], Any],
+    workers: int,
+    submit: Callable[[Any, int], Any],
+    on_marker: Callable[[dict[str, Any]], None],
+) -> None:
+    """Hand each pending work shard to the next free actor of a pool of `workers` actors made by `new_actor`.
 
-    name: str
-    input_phase: str
-    stages: list[StageSpec]
-    corpus: StageSpec | None = None  # a corpus-wide stage decides first; `stages` then apply its decision
-
-
-def run_phase(
-    spec: PhaseSpec,
-    layout: RunLayout,
-    shards: int,
-    plan: WorkerPlan,
-    context: StageContext,
-    batch_rows: int,
-    on_progress: Callable[[int], None],
-) -> list[dict[str, Any]]:
-    """Run `spec` on every work shard that has no completion marker; return all shards' markers.
-
-    Work shards finished by an earlier (killed) run are skipped, so a re-run resumes.
+    `submit(actor, shard)` starts the shard's work and returns its object ref; `on_marker` gets each finished
+    shard's marker. Actors that die are replaced (see _WorkerPool); every actor is torn down at the end.
     """
-    pending = [s for s in range(shards) if not layout.marker(spec.name, s).exists()]
-    for shard in range(shards):
-        if shard not in pending:
-            on_progress(read_json(layout.marker(spec.name, shard))["rows_in"])
-    if pending:
-        remote_worker = ray.remote(PhaseWorker).options(
-            num_cpus=plan.cpus_per_worker,
-            num_gpus=plan.gpus_per_worker,
-            memory=plan.memory_per_worker or None,
-            max_restarts=0,
-        )
-        config = storage.current_config()
-        pool = _WorkerPool(lambda: remote_worker.remote(spec.stages, context, batch_rows, config),
-                           min(plan.workers, len(pending)))
+    if not pending:
+        return
+    pool = _WorkerPool(new_actor, min(workers, len(pending)))
+    try:
+        for marker in pool.run(pending, submit, phase=name):
+            on_marker(marker)
+    except ray.exceptions.RayTaskError as error:
+        cause = getattr(error, "cause", None)
+        raise StageFailure(str(cause) if isinstance(cause, StageFailure) else f"phase {name!r}: {error}") from None
+    finally:
+        _stop(pool.actors)
 
-        def submit(actor, shard):  # paths as strings: local paths, or URLs of the configured store
-            return actor.run.remote(
-                spec.name,
-                shard,
-                str(layout.shard_file(spec.input_phase, shard)),
-                str(layout.shard_file(spec.name, shard)),
-                str(layout.drops_file(spec.name, shard)),
-                str(layout.marker(spec.name, shard)),
-            )
 
-        try:
-            for marker in pool.run(pending, submit, phase=spec.name):
-                on_progress(marker["rows_in"])
-                crash_if_asked(spec.name, marker["shard"])
-        except ray.exceptions.RayTaskError as error:
-            cause = getattr(error, "cause", None)
-            raise StageFailure(
-                str(cause) if isinstance(cause, StageFailure) else f"phase {spec.name!r}: {error}"
-            ) from None
-        finally:
-            _stop(pool.actors)
-    return [read_json(layout.marker(spec.name, s)) for s in range(shards)]
+def run_tasks(
+    name: str,
+    items: list[Any],
+    submit: Callable[[Any], Any],
+    max_in_flight: int,
+    on_result: Callable[[Any, Any], None],
+) -> None:
+    """Run one Ray task per item (`submit(item)` returns its ref), at most `max_in_flight` at once, in order
+    of submission; `on_result(item, result)` gets each as it finishes. A task's error stops the run."""
+    waiting = list(items)
+    in_flight: dict[Any, Any] = {}
+    while waiting or in_flight:
+        while waiting and len(in_flight) < max_in_flight:
+            item = waiting.pop(0)
+            in_flight[submit(item)] = item
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in done:
+            item = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as error:
+                cause = getattr(error, "cause", error)
+                raise StageFailure(str(cause) if isinstance(cause, StageFailure)
+                                   else f"{name}: {type(cause).__name__}: {cause}") from None
+            on_result(item, result)
 
 
 class _WorkerPool:

@@ -138,7 +138,8 @@ def _run_subset(manifest: dict[str, Any], keys: dict[str, str], out: Path, conso
 
     data = manifest["recipe"]["resolved"]
     file = Path(manifest["recipe"]["file"])
-    data = {**data, "output": {**data["output"], "path": str(out)}, "engine": {**data["engine"], "keep_work": False}}
+    data = {**data, "output": {**data["output"], "path": str(out)}, "engine": {**data["engine"], "keep_work": False,
+                                                                                     "keep_pool": False}}
     for override in overrides:
         _apply_override(data, override, file)
     plan = compile_plan(_validate(data, file))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,23 +16,30 @@ from rich.console import Console
 from curate import registry, storage
 from curate.drop_log import write_drop_log
 from curate.engine import cluster
+from curate.engine.annotate import AnnotateWorker, AnnotationTarget
 from curate.engine.apply import StageStats
+from curate.engine.clean import folder_bytes
+from curate.engine.crash import crash_if_asked
 from curate.engine.decision import decide, decision_paths
 from curate.engine.disk import check_free_disk
 from curate.engine.lock import OutputLock, is_lock_file, remove_all_but_lock
 from curate.engine.outcome import KeptTooLittle, low_yield
-from curate.engine.phases import PhaseSpec, run_phase
+from curate.engine.phases import run_actor_pool, run_tasks
+from curate.engine.pool import REASON, Provider, forget_in_pool
 from curate.engine.progress import phase_progress
+from curate.engine.select import SegmentShard, SegmentSpec, select_shard
 from curate.engine.split import INPUT_PHASE, SOURCE_STAGE, split_source
 from curate.engine.trial import TrialSource
 from curate.engine.worker import StageSpec
-from curate.engine.write import SinkSpec, finish_outputs, write_outputs
+from curate.engine.write import PoolImages, SinkSpec, finish_outputs, write_outputs
 from curate.files import RunLayout, read_json, write_json
 from curate.manifest.build import build_manifest
 from curate.recipe import LoadedRecipe
-from curate.roles.assign import ROLE_PHASE, RoleAssignment, RoleAssignmentParams
 from curate.roles.assign import TARGET as ROLE_TARGET
-from curate.stage import CorpusStage, RecipeError, Stage, StageContext, StageFailure, WeightsUnavailable
+from curate.roles.assign import RoleAssignment, RoleAssignmentParams
+from curate.stage import RecipeError, Stage, StageContext, StageFailure, WeightsUnavailable
+
+SELECT_PHASE = "select"
 
 
 class OutputConflict(RecipeError):
@@ -38,17 +47,33 @@ class OutputConflict(RecipeError):
 
 
 @dataclass
+class AnnotationGroup:
+    """Consecutive per-sample stages of one `phase`, annotated together on one pool of workers."""
+
+    name: str
+    stages: list[StageSpec]
+    gates: list[str] = field(default_factory=list)  # stages of the group whose criteria stop rows early
+
+
+@dataclass
 class Plan:
-    """A recipe compiled into a source, phases of stages and sinks, checked before any work."""
+    """A recipe compiled into a source, annotation groups, selection segments and sinks, checked before any work."""
 
     loaded: LoadedRecipe
     source: Any
-    phases: list[PhaseSpec]
+    groups: list[AnnotationGroup]
+    segments: list[SegmentSpec]
     stages: list[Stage]
     sinks: list[SinkSpec]
     layout: RunLayout
     warnings: list[str]
     storage_config: storage.StorageConfig = field(default_factory=storage.StorageConfig)  # endpoint, region
+    fingerprints: dict[str, str] = field(default_factory=dict)  # stage -> fingerprint of its annotations
+
+    @property
+    def phases(self) -> list[Any]:
+        """The run's steps in order: annotation groups, then selection segments."""
+        return [*self.groups, *self.segments]
 
     def describe(self) -> dict[str, Any]:
         """What `--dry-run` prints: the plan, no work."""
@@ -57,7 +82,10 @@ class Plan:
             "recipe": str(self.loaded.file),
             "recipe_sha256": self.loaded.sha256(),
             "source": self.source.describe(),
-            "phases": [{"name": p.name, "stages": [stage.name for stage in p.stages]} for p in self.phases],
+            "annotate": [{"name": g.name, "stages": [s.name for s in g.stages], "gates": g.gates}
+                         for g in self.groups],
+            "select": [{"name": seg.name, "decision": seg.corpus_stage, "stages": [s.name for s in seg.stages]}
+                       for seg in self.segments],
             "outputs": {"path": str(self.layout.root), "formats": [sink.name for sink in self.sinks],
                         "shard_rows": recipe.output.shard_rows, "shard_bytes": recipe.output.shard_bytes},
             "engine": recipe.engine.model_dump(mode="json"),
@@ -84,8 +112,9 @@ def compile_plan(loaded: LoadedRecipe, require_weights: bool = True, peek_rows: 
     for name, params in loaded.stage_params.items():
         cls = registry.load(registry.STAGES, name)
         stages.append(cls(params, context))
-    if getattr(source_cls, "needs_fetch", False) and "fetch" not in loaded.stage_params:
-        raise RecipeError("this source yields URLs; add a `fetch` stage to download them",
+    if getattr(source_cls, "needs_fetch", False) and not any(s.fetches_urls for s in stages):
+        fetchers = [name for name, target in registry.STAGES.items() if registry.import_target(target).fetches_urls]
+        raise RecipeError(f"this source yields URLs; add a stage that fetches them ({', '.join(fetchers)})",
                           file=str(loaded.file), path="stages")
     _check_fingerprints(loaded, source, stages)
     source.preflight()
@@ -100,30 +129,80 @@ def compile_plan(loaded: LoadedRecipe, require_weights: bool = True, peek_rows: 
     if peek_rows:
         warnings += _input_warnings(source, stages, peek_rows)
     layout = RunLayout(loaded.output_path())
-    phases: list[PhaseSpec] = []
+    gates = _gates(loaded, stages)
+    groups = _annotation_groups(loaded, stages, gates)
+    segments = _segments(layout, stages)
+    fingerprints = _fingerprints(stages, gates)  # the role step, last in the selection, annotates nothing
+    if loaded.roles:
+        _append_role_step(loaded, context, stages, segments)
+    sinks = [SinkSpec(name, registry.SINKS[name], params.model_dump(mode="json"))
+             for name, params in loaded.sink_params.items()]
+    return Plan(loaded, source, groups, segments, stages, sinks, layout, warnings, storage_config=storage_config,
+                fingerprints=fingerprints)
+
+
+def _spec(stage: Stage) -> StageSpec:
+    return StageSpec(stage.name, registry.STAGES[stage.name], stage.params.model_dump(mode="json"))
+
+
+def _gates(loaded: LoadedRecipe, stages: list[Stage]) -> list[str]:
+    """The stages whose criteria act at annotation time: those the recipe names, and every per-sample stage
+    before the one that fetches (nothing is downloaded for a row they drop)."""
+    names = [s.name for s in stages]
+    for name in loaded.recipe.gates:
+        stage = next((s for s in stages if s.name == name), None)
+        if stage is None or stage.scope != "sample":
+            raise RecipeError(f"gate {name!r} is not a per-sample stage of this recipe (its stages: "
+                              f"{', '.join(names)})", file=str(loaded.file), path="gates")
+    fetcher = next((i for i, s in enumerate(stages) if s.fetches_urls), None)
+    before_fetch = [s.name for s in stages[:fetcher or 0] if s.scope == "sample"]
+    return [s.name for s in stages if s.name in loaded.recipe.gates or s.name in before_fetch]
+
+
+def _annotation_groups(loaded: LoadedRecipe, stages: list[Stage], gates: list[str]) -> list[AnnotationGroup]:
+    """Consecutive per-sample stages of the same phase form a group (corpus-wide stages annotate nothing)."""
+    groups: list[AnnotationGroup] = []
     for stage in stages:
-        spec = StageSpec(stage.name, registry.STAGES[stage.name], stage.params.model_dump(mode="json"))
-        if isinstance(stage, CorpusStage):
+        if stage.scope != "sample":
             stage.phase = stage.name
-            decision_file, _ = decision_paths(layout.phase_dir(stage.name))
-            apply = StageSpec(stage.name, "curate.engine.decision:ApplyDecision",
-                              {"decision": str(decision_file), "stage_name": stage.name})
-            input_phase = phases[-1].name if phases else INPUT_PHASE
-            phases.append(PhaseSpec(stage.name, input_phase, [apply], corpus=spec))
             continue
-        if not phases or phases[-1].name != stage.phase or phases[-1].corpus is not None:
-            if any(p.name == stage.phase for p in phases):
+        if not groups or groups[-1].name != stage.phase:
+            if any(g.name == stage.phase for g in groups):
                 raise RecipeError(f"stage {stage.name!r} belongs to phase {stage.phase!r}, which an earlier "
                                   "stage of another phase already closed; reorder the stages",
                                   file=str(loaded.file), path=f"stages.{stage.name}")
-            input_phase = phases[-1].name if phases else INPUT_PHASE
-            phases.append(PhaseSpec(stage.phase, input_phase, []))
-        phases[-1].stages.append(spec)
-    if loaded.roles:
-        _append_role_step(loaded, context, stages, phases)
-    sinks = [SinkSpec(name, registry.SINKS[name], params.model_dump(mode="json"))
-             for name, params in loaded.sink_params.items()]
-    return Plan(loaded, source, phases, stages, sinks, layout, warnings, storage_config=storage_config)
+            groups.append(AnnotationGroup(stage.phase, []))
+        groups[-1].stages.append(_spec(stage))
+        if stage.name in gates:
+            groups[-1].gates.append(stage.name)
+    return groups
+
+
+def _segments(layout: RunLayout, stages: list[Stage]) -> list[SegmentSpec]:
+    """The selection, cut at each corpus-wide stage: the first segment reads the pool, each next one opens
+    with a corpus stage's decision over the rows the segment before it kept."""
+    segments = [SegmentSpec(SELECT_PHASE, None)]
+    for stage in stages:
+        if stage.scope == "corpus":
+            decision_file, _ = decision_paths(layout.phase_dir(stage.name))
+            segments.append(SegmentSpec(stage.name, segments[-1].name, decision=str(decision_file),
+                                        corpus_stage=stage.name, corpus=_spec(stage)))
+        else:
+            segments[-1].stages.append(_spec(stage))
+    return segments
+
+
+def _fingerprints(stages: list[Stage], gates: list[str]) -> dict[str, str]:
+    """Each per-sample stage's annotation fingerprint: its own (Stage.fingerprint) chained with those of every
+    stage before it, whose annotations it sees, and with the gates that decide which rows it gets."""
+    chain: list[Any] = []
+    found = {}
+    for stage in stages:
+        if stage.scope != "sample":
+            continue
+        chain.append({**stage.fingerprint(), "gate": stage.name in gates})
+        found[stage.name] = hashlib.sha256(json.dumps(chain, sort_keys=True, default=str).encode()).hexdigest()
+    return found
 
 
 def _input_warnings(source: Any, stages: list[Stage], rows: int) -> list[str]:
@@ -140,11 +219,12 @@ def _check_fingerprints(loaded: LoadedRecipe, source: Any, stages: list[Stage]) 
     computed = False
     for stage in stages:
         if stage.reads_image_fingerprints and not computed:
-            fetch = next((s for s in stages if s.name == "fetch"), None)
-            if images == "fetched" and fetch is not None and fetch.fingerprinted_images() is None:
-                raise RecipeError(f"fetch.fingerprints is false, but {stage.name} reads image_meta.pixel_sha256 "
-                                  "and phash; remove `fingerprints: false`", file=str(loaded.file),
-                                  path="stages.fetch.fingerprints")
+            off = next((s for s in stages if s.fingerprints_switch and s.fetches_urls == (images == "fetched")
+                        and s.fingerprinted_images() is None), None)
+            if off is not None:
+                raise RecipeError(f"{off.name}.{off.fingerprints_switch} is false, but {stage.name} reads "
+                                  f"image_meta.pixel_sha256 and phash; remove `{off.fingerprints_switch}: false`",
+                                  file=str(loaded.file), path=f"stages.{off.name}.{off.fingerprints_switch}")
             raise RecipeError(f"{stage.name} reads image fingerprints (image_meta.pixel_sha256, phash), but nothing "
                               f"before it computes them for the images a {loaded.source_type} source brings with "
                               "their bytes: add a `decode` stage in the recipe before it, right after `fetch` "
@@ -168,15 +248,12 @@ def storage_settings(loaded: LoadedRecipe) -> storage.StorageConfig:
 
 
 def _append_role_step(loaded: LoadedRecipe, context: StageContext, stages: list[Stage],
-                      phases: list[PhaseSpec]) -> None:
-    """Assign training roles as the last per-sample step: at the end of the last phase (after a corpus
-    stage's decision is applied, if that is the last), or in a phase of its own when there is no stage."""
+                      segments: list[SegmentSpec]) -> None:
+    """Assign training roles as the last step of the selection."""
     params = RoleAssignmentParams(roles=loaded.roles, required=loaded.recipe.roles_required)
     step = RoleAssignment(params, context)
-    if not phases:
-        phases.append(PhaseSpec(ROLE_PHASE, INPUT_PHASE, []))
-    step.phase = phases[-1].name
-    phases[-1].stages.append(StageSpec(step.name, ROLE_TARGET, params.model_dump(mode="json")))
+    step.phase = segments[-1].name
+    segments[-1].stages.append(StageSpec(step.name, ROLE_TARGET, params.model_dump(mode="json")))
     stages.append(step)
 
 
@@ -308,47 +385,53 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
         split = split_source(plan.source, layout, recipe.engine.rows_per_work_shard)
         timings[INPUT_PHASE] = time.perf_counter() - phase_started
         shards, source_stats = split["shards"], split["stats"]
-        markers_by_phase: dict[str, list[dict[str, Any]]] = {}
-        decisions: dict[str, dict[str, Any]] = {}
-        for phase in plan.phases:
-            task = bars.add_task(phase.name, total=source_stats["rows_out"] if phase is plan.phases[0] else None)
-            total_in = _phase_input_rows(layout, phase.input_phase, shards, markers_by_phase)
-            bars.update(task, total=total_in)
-            stage_objects = [s for s in plan.stages if s.phase == phase.name]
-            worker_plan = cluster.plan_workers(
-                resources, recipe.engine.workers, shards,
-                cpus_per_worker=max(s.resources.cpus for s in stage_objects),
-                gpus_per_worker=max(s.resources.gpus for s in stage_objects) if device["gpus"] else 0.0,
-                memory_per_worker=sum(s.resources.memory_bytes for s in stage_objects))
+        annotation_markers: dict[str, list[dict[str, Any]]] = {}
+        for group in plan.groups:
+            task = bars.add_task(group.name, total=source_stats["rows_out"])
             phase_started = time.perf_counter()
-            if phase.corpus is not None:
-                decisions[phase.name] = _decide(phase, layout, shards, context, worker_plan)
-            markers_by_phase[phase.name] = run_phase(
-                phase, layout, shards, worker_plan, context, batch_rows=recipe.engine.batch_rows,
-                on_progress=lambda rows, task=task: bars.advance(task, rows))
-            timings[phase.name] = time.perf_counter() - phase_started
+            annotation_markers[group.name] = _annotate(plan, group, shards, resources, device, context,
+                                                       lambda rows, task=task: bars.advance(task, rows))
+            _forget_blocked(plan, group, shards)
+            timings[group.name] = time.perf_counter() - phase_started
+        select_markers: dict[str, list[dict[str, Any]]] = {}
+        decisions: dict[str, dict[str, Any]] = {}
+        for segment in plan.segments:
+            task = bars.add_task(segment.name, total=None)
+            phase_started = time.perf_counter()
+            if segment.corpus is not None:
+                worker_plan = _corpus_worker_plan(plan, segment, resources, device, shards)
+                decisions[segment.corpus_stage] = _decide(segment, layout, shards, context, worker_plan)
+                crash_if_asked(f"decide-{segment.corpus_stage}", 0)
+            select_markers[segment.name] = _select(plan, segment, shards, resources, context,
+                                                   lambda rows, task=task: bars.advance(task, rows))
+            timings[segment.name] = time.perf_counter() - phase_started
 
-        last_phase = plan.phases[-1].name if plan.phases else INPUT_PHASE
-        final_files = [layout.shard_file(last_phase, s) for s in range(shards)]
-        total_out = sum(storage.parquet_file(f).metadata.num_rows for f in final_files)
+        final_files = [layout.shard_file(plan.segments[-1].name, s) for s in range(shards)]
+        total_out = sum(m["rows_out"] for m in select_markers[plan.segments[-1].name])
         task = bars.add_task("write", total=total_out)
         write_plan = cluster.plan_workers(resources, recipe.engine.workers, max(1, shards))
         phase_started = time.perf_counter()
         outputs = write_outputs(layout, final_files, plan.sinks, recipe.output.shard_rows, recipe.output.shard_bytes,
                                 write_plan.cpus_per_worker, max_in_flight=2 * write_plan.workers,
                                 on_progress=lambda rows: bars.advance(task, rows),
-                                keep_embeddings=recipe.output.embeddings)
+                                keep_embeddings=recipe.output.embeddings,
+                                images=PoolImages(str(layout.root), _image_stage(plan)),
+                                transforms=[_spec(s) for s in plan.stages if s.write_transform],
+                                release=None if recipe.engine.keep_pool else _release_pool(plan, layout),
+                                context=context)
         timings["write"] = time.perf_counter() - phase_started
 
-    dropped = write_drop_log(layout, [INPUT_PHASE] + [p.name for p in plan.phases], shards)
+    dropped = write_drop_log(layout, [INPUT_PHASE] + [seg.name for seg in plan.segments], shards)
+    crash_if_asked("drops", 0)
     finish_outputs(plan.sinks, layout.root, [file for marker in outputs for file in marker["files"]], layout.drops,
                    started_at, time.perf_counter() - started)
-    stage_stats = _collect_stage_stats(source_stats, plan, markers_by_phase)
+    stage_stats = _collect_stage_stats(source_stats, plan, annotation_markers, select_markers, outputs)
     manifest = build_manifest(
         plan=plan, layout=layout, device=device, resources=resources, stage_stats=stage_stats,
         phase_seconds=timings, outputs=outputs, final_files=final_files, dropped_rows=dropped, decisions=decisions,
-        models=_models(plan, markers_by_phase),
+        models=_models(plan, annotation_markers),
         started_at=started_at, seconds=time.perf_counter() - started)
+    manifest["pool"] = _pool_entry(plan)
     if not manifest["reconciliation"]["ok"]:
         # Never publish a manifest that does not add up; keep the work area to look into it.
         write_json(layout.work / "manifest.unreconciled.json", manifest)
@@ -357,7 +440,156 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
     write_json(layout.manifest, manifest)
     if not recipe.engine.keep_work:
         storage.remove_tree(layout.work, ignore_errors=True)
+    if not recipe.engine.keep_pool:
+        storage.remove_tree(layout.pool, ignore_errors=True)
     return manifest
+
+
+def _annotate(plan: Plan, group: AnnotationGroup, shards: int, resources: dict[str, float], device: dict[str, Any],
+              context: StageContext, on_progress: Any) -> list[dict[str, Any]]:
+    """Annotate every work shard whose tables of this group are missing or were made under another fingerprint."""
+    layout, recipe = plan.layout, plan.loaded.recipe
+    objects = [s for s in plan.stages if s.name in {spec.name for spec in group.stages}]
+    before = _stages_before(plan, group.stages[0].name)
+
+    def marker_file(stage: str, shard: int) -> Any:
+        return layout.marker(layout.annotation_phase(stage), shard)
+
+    def done(shard: int) -> bool:
+        for spec in group.stages:
+            marker = marker_file(spec.name, shard)
+            if not marker.exists() or read_json(marker).get("fingerprint") != plan.fingerprints[spec.name]:
+                return False
+        return True
+
+    pending = [shard for shard in range(shards) if not done(shard)]
+    for shard in range(shards):
+        if shard not in pending:
+            on_progress(read_json(marker_file(group.stages[0].name, shard))["rows"])
+    worker_plan = cluster.plan_workers(
+        resources, recipe.engine.workers, max(1, len(pending)),
+        cpus_per_worker=max(s.resources.cpus for s in objects),
+        gpus_per_worker=max(s.resources.gpus for s in objects) if device["gpus"] else 0.0,
+        memory_per_worker=sum(s.resources.memory_bytes for s in objects))
+    remote = ray.remote(AnnotateWorker).options(num_cpus=worker_plan.cpus_per_worker,
+                                                 num_gpus=worker_plan.gpus_per_worker,
+                                                 memory=worker_plan.memory_per_worker or None, max_restarts=0)
+    config = storage.current_config()
+
+    def submit(actor: Any, shard: int) -> Any:
+        targets = [AnnotationTarget(spec.name, str(layout.shard_file(layout.annotation_phase(spec.name), shard)),
+                                    str(marker_file(spec.name, shard)), plan.fingerprints[spec.name])
+                   for spec in group.stages]
+        return actor.run.remote(group.name, shard, str(layout.shard_file(INPUT_PHASE, shard)),
+                                _providers(plan, before, shard), targets)
+
+    def on_marker(marker: dict[str, Any]) -> None:
+        on_progress(marker["rows_in"])
+        crash_if_asked(group.name, marker["shard"])
+
+    run_actor_pool(group.name, pending,
+                   lambda: remote.remote(group.stages, group.gates, context, recipe.engine.batch_rows, config),
+                   worker_plan.workers, submit, on_marker)
+    return [{"shard": shard, "stages": {spec.name: read_json(marker_file(spec.name, shard)) for spec in group.stages}}
+            for shard in range(shards)]
+
+
+def _forget_blocked(plan: Plan, group: AnnotationGroup, shards: int) -> None:
+    """Blank, in every pool file written so far, the rows a stage of `group` hard-dropped and must not keep
+    (Stage.forgets_drops: a blocklist). Idempotent, so a resumed run does it again safely."""
+    layout = plan.layout
+    names = {spec.name for spec in group.stages}
+    forgetting = [s for s in plan.stages if s.name in names and s.forgets_drops()]
+    if not forgetting:
+        return
+    written = _stages_before(plan, None)
+    last = max(i for i, s in enumerate(written) if s.name in names)
+    for shard in range(shards):
+        keys: set[str] = set()
+        for stage in forgetting:
+            table = storage.read_table(str(layout.shard_file(layout.annotation_phase(stage.name), shard)),
+                                       columns=["key", REASON])
+            keys |= {k for k, r in zip(*(table.column(c).to_pylist() for c in ("key", REASON))) if r is not None}
+        if keys:
+            files = [str(layout.shard_file(INPUT_PHASE, shard))]
+            files += [str(layout.shard_file(layout.annotation_phase(s.name), shard)) for s in written[:last + 1]]
+            forget_in_pool(files, keys)
+
+
+def _stages_before(plan: Plan, name: str | None) -> list[Stage]:
+    """The per-sample stages before the stage `name` (all of them for None), in recipe order."""
+    found = []
+    for stage in plan.stages:
+        if stage.name == name:
+            break
+        if stage.scope == "sample" and stage.name in plan.fingerprints:
+            found.append(stage)
+    return found
+
+
+def _providers(plan: Plan, stages: list[Stage], shard: int) -> list[Provider]:
+    layout = plan.layout
+    return [Provider(s.name, tuple(sorted(s.provides)), str(layout.shard_file(layout.annotation_phase(s.name), shard)))
+            for s in stages]
+
+
+def _image_stage(plan: Plan) -> str | None:
+    """The stage whose annotation tables hold the pool's image bytes (None: the input split holds them)."""
+    holders = [s.name for s in _stages_before(plan, None) if "images" in s.provides]
+    return holders[-1] if holders else None
+
+
+def _select(plan: Plan, segment: SegmentSpec, shards: int, resources: dict[str, float], context: StageContext,
+            on_progress: Any) -> list[dict[str, Any]]:
+    """Run one selection segment over every work shard not done yet (one Ray task each)."""
+    layout, recipe = plan.layout, plan.loaded.recipe
+    pending = [s for s in range(shards) if not layout.marker(segment.name, s).exists()]
+    for shard in range(shards):
+        if shard not in pending:
+            on_progress(read_json(layout.marker(segment.name, shard))["rows_in"])
+    task_plan = cluster.plan_workers(resources, recipe.engine.workers, max(1, len(pending)), cpus_per_worker=0.5)
+    remote = ray.remote(select_shard).options(num_cpus=task_plan.cpus_per_worker, max_retries=2)
+    everything = _stages_before(plan, None)
+    config = storage.current_config()
+
+    def submit(shard: int) -> Any:
+        files = SegmentShard(
+            shard, str(layout.shard_file(INPUT_PHASE, shard)), _providers(plan, everything, shard),
+            None if segment.input_segment is None else str(layout.shard_file(segment.input_segment, shard)),
+            str(layout.shard_file(segment.name, shard)), str(layout.drops_file(segment.name, shard)),
+            str(layout.marker(segment.name, shard)))
+        return remote.remote(segment, files, context, config)
+
+    def on_result(shard: int, marker: dict[str, Any]) -> None:
+        on_progress(marker["rows_in"])
+        crash_if_asked(segment.name, shard)
+
+    run_tasks(f"selection {segment.name!r}", pending, submit, 2 * task_plan.workers, on_result)
+    return [read_json(layout.marker(segment.name, s)) for s in range(shards)]
+
+
+def _corpus_worker_plan(plan: Plan, segment: SegmentSpec, resources: dict[str, float], device: dict[str, Any],
+                        shards: int) -> cluster.WorkerPlan:
+    stage = next(s for s in plan.stages if s.name == segment.corpus_stage)
+    return cluster.plan_workers(resources, plan.loaded.recipe.engine.workers, max(1, shards),
+                                cpus_per_worker=stage.resources.cpus,
+                                gpus_per_worker=stage.resources.gpus if device["gpus"] else 0.0,
+                                memory_per_worker=stage.resources.memory_bytes)
+
+
+def _release_pool(plan: Plan, layout: RunLayout) -> Any:
+    """With `engine.keep_pool: false`: delete a work shard's pool data once its output shards are written (its
+    completion markers stay, so a resumed run neither fetches nor annotates it again)."""
+    stages = _stages_before(plan, None)
+
+    def release(shard: int) -> None:
+        storage.location(str(layout.shard_file(INPUT_PHASE, shard))).unlink(missing_ok=True)
+        for stage in stages:
+            storage.location(str(layout.shard_file(layout.annotation_phase(stage.name), shard))).unlink(
+                missing_ok=True)
+        crash_if_asked("release", shard)
+
+    return release
 
 
 def judge_yield(manifest: dict[str, Any], console: Console) -> dict[str, Any]:
@@ -371,48 +603,78 @@ def judge_yield(manifest: dict[str, Any], console: Console) -> dict[str, Any]:
     return manifest
 
 
-def _decide(phase: PhaseSpec, layout: RunLayout, shards: int, context: StageContext,
+def _decide(segment: SegmentSpec, layout: RunLayout, shards: int, context: StageContext,
             worker_plan: cluster.WorkerPlan) -> dict[str, Any]:
-    """Run a corpus stage's decision as one Ray task (reused when a resumed run finds it saved)."""
-    files = [str(layout.shard_file(phase.input_phase, s)) for s in range(shards)]
+    """Run a corpus stage's decision as one Ray task over the rows the segment before kept (reused when a resumed
+    run finds it saved)."""
+    files = [str(layout.shard_file(segment.input_segment, s)) for s in range(shards)]
     remote = ray.remote(decide).options(num_cpus=worker_plan.cpus_per_worker, num_gpus=worker_plan.gpus_per_worker,
                                         max_retries=2)  # a lost node: the decision is saved atomically
     try:
-        return ray.get(remote.remote(phase.corpus.target, phase.corpus.params, context, files,
-                                     str(layout.phase_dir(phase.name)), storage.current_config()))
+        return ray.get(remote.remote(segment.corpus.target, segment.corpus.params, context, files,
+                                     str(layout.phase_dir(segment.name)), storage.current_config()))
     except ray.exceptions.RayError as error:
         cause = getattr(error, "cause", error)
-        raise StageFailure(f"phase {phase.name!r}, corpus decision: {type(cause).__name__}: {cause}") from None
+        raise StageFailure(f"phase {segment.name!r}, corpus decision: {type(cause).__name__}: {cause}") from None
 
 
-def _models(plan: Plan, markers_by_phase: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def _models(plan: Plan, annotation_markers: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The models as the workers loaded them (device, precision, preprocessing), else as planned."""
     models = []
-    for phase in plan.phases:
-        loaded = next((m["models"] for m in markers_by_phase.get(phase.name, []) if m.get("models")), None)
-        if loaded is None:
-            loaded = [info for stage in plan.stages if stage.phase == phase.name for info in stage.model_info()]
-        models.extend(loaded)
+    for stage in plan.stages:
+        loaded = None
+        for group in annotation_markers.values():
+            for shard in group:
+                entry = shard["stages"].get(stage.name)
+                if entry and entry.get("models"):
+                    loaded = entry["models"]
+                    break
+            if loaded:
+                break
+        models.extend(loaded if loaded is not None else stage.model_info())
     return models
 
 
-def _phase_input_rows(layout: RunLayout, input_phase: str, shards: int,
-                      markers_by_phase: dict[str, list[dict[str, Any]]]) -> int:
-    if input_phase in markers_by_phase:
-        return sum(m["rows_out"] for m in markers_by_phase[input_phase])
-    return sum(storage.parquet_file(layout.shard_file(input_phase, s)).metadata.num_rows for s in range(shards))
-
-
 def _collect_stage_stats(source_stats: dict[str, Any], plan: Plan,
-                         markers_by_phase: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+                         annotation_markers: dict[str, list[dict[str, Any]]],
+                         select_markers: dict[str, list[dict[str, Any]]],
+                         outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The funnel, per stage in recipe order: rows in / out and drops from the selection (a row counts under
+    the first stage that drops it), seconds of annotation plus selection, and the stages' counters."""
     ordered = [{"name": SOURCE_STAGE, "phase": INPUT_PHASE, **source_stats}]
-    for phase in plan.phases:
-        totals: dict[str, StageStats] = {}
-        for marker in markers_by_phase.get(phase.name, []):
+    totals: dict[str, StageStats] = {}
+    for markers in select_markers.values():
+        for marker in markers:
             for name, data in marker["stages"].items():
                 totals.setdefault(name, StageStats()).add(StageStats.from_json(data))
-        for stage in phase.stages:
-            ordered.append({"name": stage.name, "phase": phase.name,
-                            **totals.get(stage.name, StageStats()).to_json()})
+    for markers in annotation_markers.values():
+        for shard in markers:
+            for name, marker in shard["stages"].items():
+                annotated = StageStats.from_json(marker["stats"])
+                entry = totals.setdefault(name, StageStats())
+                entry.seconds += annotated.seconds
+                entry.counters.update(annotated.counters)
+    for marker in outputs:
+        for name, counters in marker.get("counters", {}).items():
+            totals.setdefault(name, StageStats()).counters.update(counters)
+    annotated: dict[str, int] = {}
+    for markers in annotation_markers.values():
+        for shard in markers:
+            for name, marker in shard["stages"].items():
+                annotated[name] = annotated.get(name, 0) + marker["stats"]["rows_in"]
+    for stage in plan.stages:
+        entry = {"name": stage.name, "phase": stage.phase, **totals.get(stage.name, StageStats()).to_json()}
+        if stage.name in annotated:
+            entry["annotated"] = annotated[stage.name]
+        ordered.append(entry)
     return ordered
 
+
+def _pool_entry(plan: Plan) -> dict[str, Any]:
+    """The manifest's account of the pool: where it is, whether it stays, what it holds."""
+    layout = plan.layout
+    kept = plan.loaded.recipe.engine.keep_pool
+    size = folder_bytes(layout.pool) if kept else 0  # None on an object store: not summed there
+    return {"path": layout.pool.name, "kept": kept, **({"bytes": size} if size is not None else {}),
+            "images_in": _image_stage(plan) or INPUT_PHASE,
+            "annotations": {name: plan.fingerprints[name] for name in plan.fingerprints}}

@@ -12,9 +12,10 @@ import ray
 
 from curate import registry, storage
 from curate.engine.crash import crash_if_asked
+from curate.engine.worker import build_stages
 from curate.files import RunLayout, atomic_path, read_json, sha256_file, write_json
 from curate.sinks.base import FinishedOutput
-from curate.stage import StageFailure
+from curate.stage import StageContext, StageFailure
 
 WRITE_PHASE = "write"
 
@@ -98,6 +99,48 @@ def plan_output_shards(files: list[storage.Location], shard_rows: int | None,
     return shards
 
 
+@dataclass(frozen=True)
+class PoolImages:
+    """Where the pool holds the image bytes of each work shard: the annotation tables of `stage`, else the split."""
+
+    root: str
+    stage: str | None
+
+    def file(self, shard: int) -> storage.Location:
+        """The pool file holding work shard `shard`'s image bytes."""
+        layout = RunLayout(self.root)
+        return layout.shard_file(layout.annotation_phase(self.stage) if self.stage else "input", shard)
+
+
+def shard_of(file: str) -> int:
+    """The work shard index of a work-area file named NNNNN.parquet."""
+    return int(storage.location(file).name.split(".")[0])
+
+
+def _with_pool_images(tables: Iterator[tuple[Segment, pa.Table]], images: PoolImages | None) -> Iterator[pa.Table]:
+    """Each table with its rows' image bytes from the pool (looked up by key in the work shard's image file)."""
+    loaded: tuple[int, dict[str, int], pa.ChunkedArray] | None = None
+    for segment, table in tables:
+        if images is None:
+            yield table
+            continue
+        shard = shard_of(segment.file)
+        if loaded is None or loaded[0] != shard:
+            pool = storage.read_table(images.file(shard), columns=["key", "images"])
+            loaded = (shard, {key: i for i, key in enumerate(pool.column("key").to_pylist())},
+                      pool.column("images"))
+        _, positions, column = loaded
+        taken = column.take(pa.array([positions[key] for key in table.column("key").to_pylist()], pa.int64()))
+        yield table.set_column(table.schema.get_field_index("images"), table.schema.field("images"), taken)
+
+
+def _transformed(tables: Iterator[pa.Table], stages: list[Any]) -> Iterator[pa.Table]:
+    for table in tables:
+        for stage in stages:
+            table = stage.transform(table)
+        yield table
+
+
 def _without_embeddings(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
     for table in tables:
         index = table.schema.get_field_index("embeddings")
@@ -106,7 +149,7 @@ def _without_embeddings(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
         )
 
 
-def _segment_tables(segments: list[Segment], batch_rows: int = 256) -> Iterator[pa.Table]:
+def _segment_tables(segments: list[Segment], batch_rows: int = 256) -> Iterator[tuple[Segment, pa.Table]]:
     for segment in segments:
         parquet = storage.parquet_file(segment.file)
         position = 0
@@ -115,32 +158,41 @@ def _segment_tables(segments: list[Segment], batch_rows: int = 256) -> Iterator[
             position = batch_stop
             lo, hi = max(batch_start, segment.start), min(batch_stop, segment.stop)
             if lo < hi:
-                yield pa.Table.from_batches([record_batch.slice(lo - batch_start, hi - lo)])
+                yield segment, pa.Table.from_batches([record_batch.slice(lo - batch_start, hi - lo)])
             if position >= segment.stop:
                 break
 
 
 def write_output_shard(
     shard: OutputShard, sinks: list[SinkSpec], root: str, keep_embeddings: bool = False,
-    storage_config: storage.StorageConfig | None = None,
+    storage_config: storage.StorageConfig | None = None, images: PoolImages | None = None,
+    transforms: list[Any] | None = None, context: StageContext | None = None,
 ) -> dict[str, Any]:
     """Write `shard` with every sink (atomically), then its marker; return the marker.
 
+    The rows come from the selection with their image bytes from the pool (`images`), and the stages in
+    `transforms` (StageSpecs of stages with `write_transform`) change them first, e.g. blurring faces.
     Size and sha256 are taken from the complete file before it is moved (or uploaded) into place.
     """
     storage.configure(storage_config)  # the driver's store settings, so URLs open the same store here
     layout = RunLayout(root)
+    stages = build_stages(transforms or [], context or StageContext())
     files = []
-    for spec in sinks:
+    counters: dict[str, Counter] = {}
+    for position, spec in enumerate(sinks):
         sink = spec.build()
         name = spec.name
         final = layout.output_file(name, shard.index, sink.extension)
         with atomic_path(final) as temporary:
-            tables = _segment_tables(shard.segments)
+            tables = _transformed(_with_pool_images(_segment_tables(shard.segments), images), stages)
             written = sink.write(tables if keep_embeddings else _without_embeddings(tables), str(temporary))
             if written != shard.rows:
                 raise RuntimeError(f"{name} sink wrote {written} rows to {final.name}, expected {shard.rows}")
             size, digest = temporary.stat().st_size, sha256_file(temporary)
+        for stage in stages:  # counted once, though every sink transforms the same rows
+            taken = stage.take_counters()
+            if position == 0 and taken:
+                counters.setdefault(stage.name, Counter()).update(taken)
         files.append(
             {
                 "format": name,
@@ -150,7 +202,8 @@ def write_output_shard(
                 "sha256": digest,
             }
         )
-    marker = {"index": shard.index, "rows": shard.rows, "files": files}
+    marker = {"index": shard.index, "rows": shard.rows, "files": files,
+              **({"counters": {k: dict(v) for k, v in counters.items()}} if counters else {})}
     write_json(layout.marker(WRITE_PHASE, shard.index), marker)
     return marker
 
@@ -185,8 +238,16 @@ def write_outputs(
     max_in_flight: int,
     on_progress: Callable[[int], None],
     keep_embeddings: bool = False,
+    images: PoolImages | None = None,
+    transforms: list[Any] | None = None,
+    release: Callable[[int], None] | None = None,
+    context: StageContext | None = None,
 ) -> list[dict[str, Any]]:
-    """Plan and write all output shards, skipping those already written; return their markers in order."""
+    """Plan and write all output shards, skipping those already written; return their markers in order.
+
+    `release(shard)` is called for each work shard once every output shard holding its rows is written
+    (at once for a work shard that kept no row), so its pool data can go.
+    """
     plan_path = layout.phase_dir(WRITE_PHASE) / "plan.json"
     saved = read_json(plan_path) if plan_path.exists() else None
     if isinstance(saved, dict):  # a resumed write uses the same cut and the same sink parameters
@@ -197,18 +258,35 @@ def write_outputs(
         sinks = adapt_sinks(sinks, files)
         write_json(plan_path, {"shards": [asdict(s) for s in shards], "sinks": [asdict(s) for s in sinks]})
     remote_write = ray.remote(write_output_shard).options(num_cpus=cpus_per_task, max_retries=3)
+    outputs_of = {shard_of(str(f)): set() for f in files}
+    for shard in shards:
+        for segment in shard.segments:
+            outputs_of[shard_of(segment.file)].add(shard.index)
+
+    def written(index: int) -> None:
+        for work_shard, pending in outputs_of.items():
+            if index in pending:
+                pending.discard(index)
+                if not pending and release is not None:
+                    release(work_shard)
+
     waiting = []
     for shard in shards:
         if layout.marker(WRITE_PHASE, shard.index).exists():
             on_progress(shard.rows)
         else:
             waiting.append(shard)
+    if release is not None:
+        for work_shard, pending in outputs_of.items():
+            if not pending or not pending & {s.index for s in waiting}:
+                pending.clear()
+                release(work_shard)
     in_flight: dict[ray.ObjectRef, OutputShard] = {}
     while waiting or in_flight:
         while waiting and len(in_flight) < max_in_flight:
             shard = waiting.pop(0)
             in_flight[remote_write.remote(shard, sinks, str(layout.root), keep_embeddings,
-                                          storage.current_config())] = shard
+                                          storage.current_config(), images, transforms, context)] = shard
         done, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in done:
             try:
@@ -220,6 +298,7 @@ def write_outputs(
                 ) from None
             on_progress(in_flight.pop(ref).rows)
             crash_if_asked(WRITE_PHASE, marker["index"])
+            written(marker["index"])
     return [read_json(layout.marker(WRITE_PHASE, s.index)) for s in shards]
 
 

@@ -94,6 +94,8 @@ class ProcessedImage:
     original_width: int  # as displayed, i.e. after EXIF orientation
     original_height: int
     original_format: str  # Pillow's format name: JPEG, MPO, PNG, GIF, ...
+    original_mode: str  # Pillow's mode of the image as served: RGB, RGBA, CMYK, L, P, I;16, ...
+    exif_orientation: int  # the EXIF (or XMP) orientation tag, 1 when absent (applied: the image is upright)
     sha256: str  # hex digest of the original bytes
     num_bytes: int
     original_num_bytes: int
@@ -142,11 +144,13 @@ def _process(data: bytes, resize: ResizeParams, encode: EncodeParams, max_pixels
              fingerprints: bool) -> ProcessedImage:
     with Image.open(io.BytesIO(data), formats=_read_formats()) as im:
         original_format = im.format or "unknown"
+        original_mode = im.mode
         _check_pixels(im.size, max_pixels)
         stored_size = im.size
         _draft(im, resize)
         im.load()
-        upright = _upright(im, _orientation(im))
+        orientation = _orientation(im)
+        upright = _upright(im, orientation)
         swapped = upright.size != im.size
         displayed = stored_size[::-1] if swapped else stored_size
         rgb = _to_rgb(upright)
@@ -162,6 +166,8 @@ def _process(data: bytes, resize: ResizeParams, encode: EncodeParams, max_pixels
         original_width=displayed[0],
         original_height=displayed[1],
         original_format=original_format,
+        original_mode=original_mode,
+        exif_orientation=orientation,
         sha256=hashlib.sha256(data).hexdigest(),
         num_bytes=len(payload),
         original_num_bytes=len(data),

@@ -45,12 +45,24 @@ class FetchStage(Stage):
     interleaved document: then only the failing images are removed (segments renumbered, each
     recorded in meta.removed_images with url, reason and detail). Images that already have
     bytes are kept as they are.
+
+    One step (`process`): a failed image leaves nothing to annotate, so every drop is a hard
+    one, and every parameter changes what is fetched or stored: all are annotation params
+    (the pace settings, threads and host limits, too, as for every stage).
     """
 
     name = "fetch"
     Params = FetchParams
     phase = "prepare"
     resources = Resources(cpus=1.0)
+    fetches_urls = True
+    fingerprints_images = "fetched"  # as configured: fingerprinted_images()
+    fingerprints_switch = "fingerprints"
+    reads = frozenset({"kind", "images", "image_meta", "segments", "meta"})
+    provides = frozenset({"images", "image_meta", "segments", "meta"})  # segments, meta: with drop_image
+    reads_images = True  # images that already have bytes are kept as they are
+    annotation_params = frozenset(FetchParams.model_fields)
+    selection_params = frozenset()
 
     def __init__(self, params: FetchParams, context: StageContext | None = None):
         super().__init__(params, context)
@@ -183,6 +195,8 @@ def _meta(url: str, image: ProcessedImage) -> dict[str, Any]:
         "sha256": image.sha256,
         "format": image.format,
         "original_format": image.original_format,
+        "original_mode": image.original_mode,
+        "exif_orientation": image.exif_orientation,
         "num_bytes": image.num_bytes,
         "original_num_bytes": image.original_num_bytes,
         "pixel_sha256": image.pixel_sha256,

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from curate.models.aesthetic import AestheticSpec, check_aesthetic_available, load_aesthetic
 from curate.models.clip import ClipSpec
-from curate.ops.clip_stage import ClipHeadStage, merge_scores
+from curate.ops.clip_stage import ClipHeadStage, decode_drops, merge_scores, range_drops, score_values
 from curate.ops.image_embedding import embed_images
 from curate.stage import Params, with_drops
 
@@ -30,26 +30,38 @@ class AestheticParams(Params):
 
 
 class AestheticStage(ClipHeadStage):
-    """Fills scores.aesthetic; optionally filters on it."""
+    """Fills scores.aesthetic (`annotate`); optionally filters on it (`select`)."""
 
     name = "aesthetic"
     Params = AestheticParams
     head_role = "aesthetic_head"
     check_head = staticmethod(check_aesthetic_available)
+    version = 1
+    reads = frozenset({"images", "embeddings"})
+    provides = frozenset({"scores"})
+    reads_images = True  # the image is decoded when no embedding of the same CLIP is stored
+    annotation_params = ClipHeadStage.annotation_params
+    selection_params = frozenset({"min_score", "max_score"})
 
     def setup(self) -> None:
         """Load CLIP and the head once per worker (the head's input size is checked here)."""
         super().setup()
         self.head = load_aesthetic(self.params.head, self.model.embed_dim)
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        """Fill scores.aesthetic; drop unreadable images and out-of-range scores."""
+    def annotate(self, batch: pa.Table) -> pa.Table:
+        """Fill scores.aesthetic; drop images CLIP cannot decode."""
         if not hasattr(self, "model"):
             self.setup()
         embeddings, errors = self._image_embeddings(batch)
         scores = self.head(np.nan_to_num(embeddings)) if len(embeddings) else np.zeros(0, np.float32)
         batch = merge_scores(batch, "aesthetic", [None if error else float(s) for s, error in zip(scores, errors)])
-        return with_drops(batch, *self._verdicts(scores, errors))
+        return with_drops(batch, *decode_drops(errors))
+
+    def select(self, batch: pa.Table) -> pa.Table:
+        """Drop scores.aesthetic below min_score (aesthetic_low) or above max_score (aesthetic_high)."""
+        drops = range_drops(score_values(batch, "aesthetic"), "aesthetic", self.params.min_score,
+                            self.params.max_score, ("aesthetic_low", "aesthetic_high"), digits=3)
+        return with_drops(batch, *drops)
 
     def _image_embeddings(self, batch: pa.Table) -> tuple[np.ndarray, list[str | None]]:
         stored = batch.column("embeddings").to_pylist()
@@ -69,18 +81,3 @@ class AestheticStage(ClipHeadStage):
             for row, error in zip(missing, computed_errors):
                 errors[row] = error
         return embeddings, errors
-
-    def _verdicts(self, scores: np.ndarray, errors: list[str | None]) -> tuple[list, list]:
-        low, high = self.params.min_score, self.params.max_score
-        reasons, details = [], []
-        for score, error in zip(scores, errors):
-            reason = detail = None
-            if error:
-                reason, detail = "corrupt", f"cannot decode for CLIP: {error}"
-            elif low is not None and score < low:
-                reason, detail = "aesthetic_low", f"aesthetic {score:.3f} < {low}"
-            elif high is not None and score > high:
-                reason, detail = "aesthetic_high", f"aesthetic {score:.3f} > {high}"
-            reasons.append(reason)
-            details.append(detail)
-        return reasons, details

@@ -3,16 +3,33 @@
 Sizes are the original ones (`image_meta[i].original_width/height`, as fetched),
 checked for every image of a sample; an image whose size is unknown is not
 checked. Every limit is inclusive: a value equal to the limit is kept.
+
+`annotate` measures every sample, whatever the limits, into `meta.basic`:
+
+- `min_side`: the smallest shorter original side over the sample's images (null when no
+  image size is known);
+- `max_aspect_ratio`: the largest longer / shorter original side (null when no image size
+  is known, and when `min_side` is 0: the ratio is then infinite);
+- `caption_chars`, `caption_words`: characters (surrounding whitespace excluded) and
+  whitespace-separated words of the sample's text (`sample_text`); 0 and 0 when it is empty.
+
+`select` applies the limits to `meta.basic` alone, so changing a limit re-selects without
+measuring again. An existing JSON object in `meta` keeps its other keys (see
+`curate.extract.document.load_meta` for other values).
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from curate.schema import caption_text
+from curate.extract.document import dump_meta, load_meta
+from curate.schema import SAMPLE_SCHEMA, caption_text
 from curate.stage import Params, Stage, with_drops
 
 TOO_SMALL = "too_small"
@@ -20,6 +37,8 @@ ASPECT_RATIO = "aspect_ratio"
 EMPTY_CAPTION = "empty_caption"
 CAPTION_TOO_SHORT = "caption_too_short"
 CAPTION_TOO_LONG = "caption_too_long"
+
+META_KEY = "basic"
 
 
 class BasicFilterParams(Params):
@@ -79,6 +98,26 @@ def image_extremes(image_meta: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, 
     return smallest, largest
 
 
+def measurements(smallest: float, largest: float, text: str | None) -> dict[str, Any]:
+    """What `meta.basic` records of one sample, from its `image_extremes` and its text."""
+    text = (text or "").strip()
+    known = not math.isinf(smallest)
+    return {
+        "min_side": int(smallest) if known else None,
+        "max_aspect_ratio": float(largest) if known and not math.isinf(largest) else None,
+        "caption_chars": len(text),
+        "caption_words": len(text.split()),
+    }
+
+
+def read_measurements(meta: str | None) -> dict[str, Any]:
+    """The `meta.basic` record of one sample; ValueError when the sample was not annotated."""
+    record = load_meta(meta).get(META_KEY)
+    if not isinstance(record, dict):
+        raise ValueError(f"meta.{META_KEY} is missing: basic_filter's annotate() did not run on this sample")
+    return record
+
+
 class BasicFilter(Stage):
     """Drops samples whose images are too small or too elongated, or whose caption is empty, too short or too long."""
 
@@ -86,44 +125,50 @@ class BasicFilter(Stage):
     phase = "prepare"
     Params = BasicFilterParams
     params: BasicFilterParams
+    reads = frozenset({"kind", "captions", "segments", "image_meta", "meta"})
+    provides = frozenset({"meta"})
+    reads_images = False
+    annotation_params = frozenset()  # the measurements do not depend on the limits
+    selection_params = frozenset(BasicFilterParams.model_fields)
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        """Return `batch` with `drop_reason`/`drop_detail` set on the rows that break a rule."""
-        reasons: list[str | None] = [None] * batch.num_rows
-        details: list[str | None] = [None] * batch.num_rows
-        self._check_images(batch, reasons, details)
-        self._check_captions(batch, reasons, details)
-        return with_drops(batch, reasons, details)
-
-    def _check_images(self, batch: pa.Table, reasons: list, details: list) -> None:
-        p = self.params
-        if p.min_side is None and p.max_aspect_ratio is None:
-            return
+    def annotate(self, batch: pa.Table) -> pa.Table:
+        """Return `batch` with every sample's measurements in `meta.basic`."""
         smallest, largest = image_extremes(batch.column("image_meta"))
-        for i in range(batch.num_rows):
-            if p.min_side is not None and smallest[i] < p.min_side:
-                reasons[i], details[i] = TOO_SMALL, f"min side {int(smallest[i])} < {p.min_side}"
-            elif p.max_aspect_ratio is not None and largest[i] > p.max_aspect_ratio:
-                reasons[i], details[i] = ASPECT_RATIO, f"aspect ratio {largest[i]:.2f} > {p.max_aspect_ratio:g}"
+        texts = map(sample_text, *(batch.column(name).to_pylist() for name in ("kind", "captions", "segments")))
+        metas = []
+        for row, (meta, text) in enumerate(zip(batch.column("meta").to_pylist(), texts)):
+            record = load_meta(meta)
+            record[META_KEY] = measurements(smallest[row], largest[row], text)
+            metas.append(dump_meta(record))
+        field = SAMPLE_SCHEMA.field("meta")
+        return batch.set_column(batch.schema.get_field_index("meta"), field, pa.array(metas, field.type))
 
-    def _check_captions(self, batch: pa.Table, reasons: list, details: list) -> None:
-        kinds = batch.column("kind").to_pylist()
-        captions = batch.column("captions").to_pylist()
-        segments = batch.column("segments").to_pylist()
-        for i, kind in enumerate(kinds):
-            if reasons[i] is not None:
-                continue
-            verdict = self._caption_verdict(sample_text(kind, captions[i], segments[i]))
-            if verdict is not None:
-                reasons[i], details[i] = verdict
+    def select(self, batch: pa.Table) -> pa.Table:
+        """Return `batch` with `drop_reason`/`drop_detail` set on the rows whose `meta.basic` breaks a rule."""
+        verdicts = [self._verdict(read_measurements(meta)) for meta in batch.column("meta").to_pylist()]
+        return with_drops(batch, [v[0] if v else None for v in verdicts], [v[1] if v else None for v in verdicts])
 
-    def _caption_verdict(self, text: str | None) -> tuple[str, str] | None:
-        """(reason, detail) when `text` breaks a caption rule, else None."""
+    def _verdict(self, measured: dict[str, Any]) -> tuple[str, str] | None:
+        """(reason, detail) of the first rule a sample breaks, image rules first, else None."""
+        return self._image_verdict(measured) or self._caption_verdict(measured)
+
+    def _image_verdict(self, measured: dict[str, Any]) -> tuple[str, str] | None:
         p = self.params
-        text = (text or "").strip()
-        if not text:
+        smallest = measured["min_side"]
+        if smallest is None:
+            return None
+        largest = math.inf if smallest == 0 else measured["max_aspect_ratio"]
+        if p.min_side is not None and smallest < p.min_side:
+            return TOO_SMALL, f"min side {smallest} < {p.min_side}"
+        if p.max_aspect_ratio is not None and largest > p.max_aspect_ratio:
+            return ASPECT_RATIO, f"aspect ratio {largest:.2f} > {p.max_aspect_ratio:g}"
+        return None
+
+    def _caption_verdict(self, measured: dict[str, Any]) -> tuple[str, str] | None:
+        p = self.params
+        chars, words = measured["caption_chars"], measured["caption_words"]
+        if not chars:
             return (EMPTY_CAPTION, "caption is empty") if p.drop_empty_captions else None
-        chars, words = len(text), len(text.split())
         if p.min_caption_chars is not None and chars < p.min_caption_chars:
             return CAPTION_TOO_SHORT, f"caption {chars} chars < {p.min_caption_chars}"
         if p.min_caption_words is not None and words < p.min_caption_words:

@@ -56,6 +56,11 @@ class CaptionJoin(Stage):
     name = "caption_join"
     Params = CaptionJoinParams
     phase = "prepare"
+    reads = frozenset({"source", "image_meta", "captions"})
+    provides = frozenset({"captions"})
+    reads_images = False
+    annotation_params = frozenset(CaptionJoinParams.model_fields)
+    selection_params = frozenset()
 
     @property
     def join_column(self) -> str:

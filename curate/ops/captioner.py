@@ -42,6 +42,12 @@ class Captioner(Stage):
     Params = CaptionerParams
     phase = "model"
     resources = Resources(cpus=1.0, gpus=1.0)  # the GPU is asked for only when the cluster has one
+    reads = frozenset({"kind", "images", "captions"})
+    provides = frozenset({"captions"})
+    reads_images = True
+    # batch_size and torch_threads only set the pace; they are annotation params all the same
+    annotation_params = frozenset(CaptionerParams.model_fields)
+    selection_params = frozenset()
 
     def preflight(self) -> None:
         """Refuse, before any work, a model that is not available locally or does not match its pin."""

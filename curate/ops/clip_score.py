@@ -14,7 +14,14 @@ from pydantic import Field
 
 from curate import schema
 from curate.models.clip import ClipSpec, clip_scores
-from curate.ops.clip_stage import ClipModelStage, merge_scores, set_struct_column
+from curate.ops.clip_stage import (
+    ClipModelStage,
+    decode_drops,
+    merge_scores,
+    range_drops,
+    score_values,
+    set_struct_column,
+)
 from curate.ops.image_embedding import collect_embeddings, embed_texts, submit_decodes
 from curate.stage import Params, with_drops
 
@@ -32,14 +39,23 @@ class ClipScoreParams(Params):
 
 
 class ClipScoreStage(ClipModelStage):
-    """Scores every sample's first image against its caption; optionally filters on the score."""
+    """Scores every sample's first image against its caption; optionally filters on the score.
+
+    `annotate` fills scores.clip_score and (with keep_embeddings) embeddings, dropping only images
+    CLIP cannot decode; `select` applies min_score / max_score to scores.clip_score.
+    """
 
     name = "clip_score"
     Params = ClipScoreParams
     clip_field = "model"
+    version = 1
+    reads = frozenset({"images", "captions"})
+    provides = frozenset({"scores", "embeddings"})
+    annotation_params = ClipModelStage.annotation_params | {"caption", "keep_embeddings"}
+    selection_params = frozenset({"min_score", "max_score"})
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        """Fill scores.clip_score (and embeddings); drop unreadable images and out-of-range scores."""
+    def annotate(self, batch: pa.Table) -> pa.Table:
+        """Fill scores.clip_score (and embeddings); drop images CLIP cannot decode."""
         if not hasattr(self, "model"):
             self.setup()
         images = [row[0]["bytes"] if row else None for row in batch.column("images").to_pylist()]
@@ -52,7 +68,13 @@ class ClipScoreStage(ClipModelStage):
         batch = self._write_scores(batch, scores, errors)
         if self.params.keep_embeddings:
             batch = self._write_embeddings(batch, image_emb, text_emb, errors)
-        return self._filter(batch, scores, errors)
+        return with_drops(batch, *decode_drops(errors))
+
+    def select(self, batch: pa.Table) -> pa.Table:
+        """Drop scores.clip_score below min_score (clip_score_low) or above max_score (clip_score_high)."""
+        drops = range_drops(score_values(batch, "clip_score"), "clip_score", self.params.min_score,
+                            self.params.max_score, ("clip_score_low", "clip_score_high"), digits=4)
+        return with_drops(batch, *drops)
 
     def _write_scores(self, batch: pa.Table, scores: np.ndarray, errors: list[str | None]) -> pa.Table:
         return merge_scores(batch, "clip_score", [None if error else float(s) for s, error in zip(scores, errors)])
@@ -64,21 +86,3 @@ class ClipScoreStage(ClipModelStage):
                                       "text": text_half[i].tolist()}
                   for i, error in enumerate(errors)]
         return set_struct_column(batch, "embeddings", values)
-
-    def _filter(self, batch: pa.Table, scores: np.ndarray, errors: list[str | None]) -> pa.Table:
-        low, high = self.params.min_score, self.params.max_score
-        reasons, details = [], []
-        for score, error in zip(scores, errors):
-            if error:
-                reasons.append("corrupt")
-                details.append(f"cannot decode for CLIP: {error}")
-            elif low is not None and score < low:
-                reasons.append("clip_score_low")
-                details.append(f"clip_score {score:.4f} < {low}")
-            elif high is not None and score > high:
-                reasons.append("clip_score_high")
-                details.append(f"clip_score {score:.4f} > {high}")
-            else:
-                reasons.append(None)
-                details.append(None)
-        return with_drops(batch, reasons, details)

@@ -6,8 +6,8 @@ with the fetch stage's `process_image`: upright sRGB, `pixel_sha256` and `phash`
 resized and re-encoded per `resize` / `encode` (or kept byte for byte with `keep_bytes`).
 
 `width`, `height`, `format` and `num_bytes` then describe the stored bytes. What describes the
-image as first obtained (`sha256`, `original_width/height`, `original_format`,
-`original_num_bytes`) is kept when the source recorded it (`sha256` set), else taken from
+image as first obtained (`sha256`, `original_width/height`, `original_format`, `original_mode`,
+`exif_orientation`, `original_num_bytes`) is kept when the source recorded it (`sha256` set), else taken from
 the bytes decoded here. Images that already have `pixel_sha256` (fetched ones) and images
 without bytes are left as they are. A row with an image that does not decode is dropped with
 the reason of process_image: `not_image`, `decompression_bomb` or `corrupt`.
@@ -26,7 +26,8 @@ from curate.schema import SAMPLE_SCHEMA
 from curate.sources.edit_images import EXTENSIONS
 from curate.stage import Params, Resources, Stage, with_drops
 
-ORIGINAL_FIELDS = ("sha256", "original_width", "original_height", "original_format", "original_num_bytes")
+ORIGINAL_FIELDS = ("sha256", "original_width", "original_height", "original_format", "original_mode",
+                   "exif_orientation", "original_num_bytes")
 # With keep_bytes the re-encoded copy is thrown away; the cheapest encoding keeps that waste small.
 _THROWAWAY_ENCODE = EncodeParams(format="jpg", quality=1)
 _NO_RESIZE = ResizeParams(mode="none")
@@ -50,6 +51,11 @@ class DecodeStage(Stage):
     phase = "prepare"
     resources = Resources(cpus=1.0)
     fingerprints_images = "stored"
+    reads = frozenset({"images", "image_meta"})
+    provides = frozenset({"images", "image_meta"})
+    reads_images = True
+    annotation_params = frozenset(DecodeParams.model_fields)  # max_pixels decides what decodes at all
+    selection_params = frozenset()
 
     def process(self, batch: pa.Table) -> pa.Table:
         """Decode every stored, not yet decoded image of `batch`; drop rows with an image that does not decode."""
@@ -103,6 +109,8 @@ class DecodeStage(Stage):
             original = {"sha256": processed.sha256, "original_width": processed.original_width,
                         "original_height": processed.original_height,
                         "original_format": processed.original_format,
+                        "original_mode": processed.original_mode,
+                        "exif_orientation": processed.exif_orientation,
                         "original_num_bytes": processed.original_num_bytes}
         return {"url": old.get("url"), **stored, **original, "pixel_sha256": processed.pixel_sha256,
                 "phash": processed.phash}

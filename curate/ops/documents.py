@@ -24,17 +24,34 @@ share of all occurrences taken by the k most frequent ones, k = floor(sqrt(numbe
 n-grams)), counting only n-grams that occur more than once. Word repetition (n =
 `word_repetition_n`, default 5): the share of word n-gram occurrences whose n-gram occurs more
 than once. Both are 0 for a text too short to have an n-gram.
+
+`annotate` removes the images (the size rules) and measures every interleaved document,
+whatever the limits, into `meta.documents`: `images` (left after the removal),
+`removed_images` (entries of meta.removed_images so far), `text_chars` (all text joined by
+newlines, surrounding whitespace excluded), `text_words`, `duplicate_paragraph_share`,
+`char_repetition` (n = `char_repetition_n`) and `word_repetition` (n = `word_repetition_n`).
+`select` judges from `meta.documents` alone, so changing a limit re-selects without
+measuring again (the image size rules and the n-gram sizes change what is measured).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Any
 
 import pyarrow as pa
 from pydantic import Field
 
-from curate.extract.document import KIND, load_meta, record_removed, remove_images, removed_counter, texts_of
+from curate.extract.document import (
+    KIND,
+    dump_meta,
+    load_meta,
+    record_removed,
+    remove_images,
+    removed_counter,
+    texts_of,
+)
 from curate.schema import SAMPLE_SCHEMA
 from curate.stage import Params, Stage, with_drops
 
@@ -48,6 +65,8 @@ CHAR_REPETITION = "char_repetition"
 WORD_REPETITION = "word_repetition"
 IMAGE_TOO_SMALL = "image_too_small"
 IMAGE_ASPECT_RATIO = "image_aspect_ratio"
+
+META_KEY = "documents"
 
 
 class DocumentsParams(Params):
@@ -100,6 +119,30 @@ def duplicate_paragraph_share(paragraphs: list[str]) -> float:
     return duplicates / max(1, len(seen) + duplicates)
 
 
+def measure(image_meta: list[dict], segments: list[dict], meta: str | None, char_n: int,
+            word_n: int) -> dict[str, Any]:
+    """What `meta.documents` records of one document."""
+    paragraphs = texts_of(segments)
+    text = "\n".join(paragraphs)
+    return {
+        "images": len(image_meta),
+        "removed_images": len(load_meta(meta).get("removed_images", [])),
+        "text_chars": len(text.strip()),
+        "text_words": len(text.split()),
+        "duplicate_paragraph_share": duplicate_paragraph_share(paragraphs),
+        "char_repetition": char_repetition_ratio(text, char_n),
+        "word_repetition": word_repetition_ratio(text, word_n),
+    }
+
+
+def read_measurements(meta: str | None) -> dict[str, Any]:
+    """The `meta.documents` record of one document; ValueError when it was not annotated."""
+    record = load_meta(meta).get(META_KEY)
+    if not isinstance(record, dict):
+        raise ValueError(f"meta.{META_KEY} is missing: the documents stage's annotate() did not run on this sample")
+    return record
+
+
 class DocumentFilter(Stage):
     """Removes unusable images from interleaved documents, then drops documents that break a rule."""
 
@@ -107,16 +150,20 @@ class DocumentFilter(Stage):
     phase = "prepare"
     Params = DocumentsParams
     params: DocumentsParams
+    reads = frozenset({"kind", "images", "image_meta", "segments", "meta"})
+    provides = frozenset({"images", "image_meta", "segments", "meta"})
+    reads_images = False  # images are removed from the list, their bytes never looked at
+    annotation_params = frozenset({"min_image_side", "max_image_aspect_ratio", "char_repetition_n",
+                                   "word_repetition_n"})
+    selection_params = frozenset(DocumentsParams.model_fields) - annotation_params
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        """Return `batch` with small images removed from documents and `drop_reason` set on rejected ones."""
+    def annotate(self, batch: pa.Table) -> pa.Table:
+        """Return `batch` with small images removed from documents and each document measured in meta."""
         kinds = batch.column("kind").to_pylist()
         images = batch.column("images").to_pylist()
         metas = batch.column("image_meta").to_pylist()
         segments = batch.column("segments").to_pylist()
         meta_json = batch.column("meta").to_pylist()
-        reasons: list[str | None] = [None] * batch.num_rows
-        details: list[str | None] = [None] * batch.num_rows
         changed = False
         for row, kind in enumerate(kinds):
             if kind != KIND:
@@ -129,14 +176,25 @@ class DocumentFilter(Stage):
                 meta_json[row] = record_removed(meta_json[row], removed)
                 for entry in removed:  # the funnel's per-image counts: counters images_removed.<reason>
                     self.count(removed_counter(entry["reason"]))
-            verdict = self._verdict(metas[row] or [], segments[row] or [], meta_json[row])
-            if verdict is not None:
-                reasons[row], details[row] = verdict
-        if changed:
-            for name, values in (("images", images), ("image_meta", metas), ("segments", segments),
-                                 ("meta", meta_json)):
-                field = SAMPLE_SCHEMA.field(name)
-                batch = batch.set_column(batch.schema.get_field_index(name), field, pa.array(values, field.type))
+            record = load_meta(meta_json[row])
+            record[META_KEY] = measure(metas[row] or [], segments[row] or [], meta_json[row],
+                                       self.params.char_repetition_n, self.params.word_repetition_n)
+            meta_json[row] = dump_meta(record)
+        replaced = [("images", images), ("image_meta", metas), ("segments", segments)] if changed else []
+        for name, values in (*replaced, ("meta", meta_json)):
+            field = SAMPLE_SCHEMA.field(name)
+            batch = batch.set_column(batch.schema.get_field_index(name), field, pa.array(values, field.type))
+        return batch
+
+    def select(self, batch: pa.Table) -> pa.Table:
+        """Return `batch` with `drop_reason` set on the documents whose `meta.documents` breaks a rule."""
+        reasons: list[str | None] = [None] * batch.num_rows
+        details: list[str | None] = [None] * batch.num_rows
+        for row, (kind, meta) in enumerate(zip(batch.column("kind").to_pylist(), batch.column("meta").to_pylist())):
+            if kind == KIND:
+                verdict = self._verdict(read_measurements(meta))
+                if verdict is not None:
+                    reasons[row], details[row] = verdict
         return with_drops(batch, reasons, details)
 
     def _unusable_images(self, image_meta: list[dict]) -> list[dict]:
@@ -156,11 +214,14 @@ class DocumentFilter(Stage):
                                 "detail": f"aspect ratio {long / short:.2f} > {p.max_image_aspect_ratio:g}"})
         return removed
 
-    def _verdict(self, image_meta: list[dict], segments: list[dict], meta: str | None) -> tuple[str, str] | None:
+    def _verdict(self, measured: dict[str, Any]) -> tuple[str, str] | None:
+        """(reason, detail) of the first rule a document breaks, in the order of the module docstring."""
+        return self._image_verdict(measured) or self._text_length_verdict(measured) or self._text_verdict(measured)
+
+    def _image_verdict(self, measured: dict[str, Any]) -> tuple[str, str] | None:
         p = self.params
-        images = len(image_meta)
+        images, removed = measured["images"], measured["removed_images"]
         if p.max_failed_image_share is not None:
-            removed = len(load_meta(meta).get("removed_images", []))
             share = removed / (removed + images) if removed + images else 0.0
             if share > p.max_failed_image_share:
                 return TOO_MANY_FAILED_IMAGES, (f"{removed} of {removed + images} images failed or were removed "
@@ -169,33 +230,33 @@ class DocumentFilter(Stage):
             return TOO_FEW_IMAGES, f"{images} images < {p.min_images}"
         if p.max_images is not None and images > p.max_images:
             return TOO_MANY_IMAGES, f"{images} images > {p.max_images}"
-        paragraphs = texts_of(segments)
-        text = "\n".join(paragraphs)
-        chars, words = len(text.strip()), len(text.split())
+        return None
+
+    def _text_length_verdict(self, measured: dict[str, Any]) -> tuple[str, str] | None:
+        p = self.params
+        chars, words = measured["text_chars"], measured["text_words"]
         if p.min_text_chars is not None and chars < p.min_text_chars:
             return TEXT_TOO_SHORT, f"text {chars} chars < {p.min_text_chars}"
         if p.min_text_words is not None and words < p.min_text_words:
             return TEXT_TOO_SHORT, f"text {words} words < {p.min_text_words}"
-        return self._text_verdict(images, paragraphs, text, words)
+        return None
 
-    def _text_verdict(self, images: int, paragraphs: list[str], text: str, words: int) -> tuple[str, str] | None:
+    def _text_verdict(self, measured: dict[str, Any]) -> tuple[str, str] | None:
         p = self.params
+        images, words = measured["images"], measured["text_words"]
         if p.min_images_per_100_words is not None or p.max_images_per_100_words is not None:
             ratio = images * 100 / words if words else math.inf
             if p.min_images_per_100_words is not None and ratio < p.min_images_per_100_words:
                 return IMAGE_TEXT_RATIO, f"{ratio:.2f} images per 100 words < {p.min_images_per_100_words:g}"
             if p.max_images_per_100_words is not None and ratio > p.max_images_per_100_words:
                 return IMAGE_TEXT_RATIO, f"{ratio:.2f} images per 100 words > {p.max_images_per_100_words:g}"
-        if p.max_duplicate_paragraph_share is not None:
-            share = duplicate_paragraph_share(paragraphs)
-            if share > p.max_duplicate_paragraph_share:
-                return DUPLICATE_PARAGRAPHS, f"{share:.2f} of paragraphs repeated > {p.max_duplicate_paragraph_share:g}"
-        if p.max_char_repetition_ratio is not None:
-            ratio = char_repetition_ratio(text, p.char_repetition_n)
-            if ratio > p.max_char_repetition_ratio:
-                return CHAR_REPETITION, f"character repetition {ratio:.3f} > {p.max_char_repetition_ratio:g}"
-        if p.max_word_repetition_ratio is not None:
-            ratio = word_repetition_ratio(text, p.word_repetition_n)
-            if ratio > p.max_word_repetition_ratio:
-                return WORD_REPETITION, f"word repetition {ratio:.3f} > {p.max_word_repetition_ratio:g}"
+        share = measured["duplicate_paragraph_share"]
+        if p.max_duplicate_paragraph_share is not None and share > p.max_duplicate_paragraph_share:
+            return DUPLICATE_PARAGRAPHS, f"{share:.2f} of paragraphs repeated > {p.max_duplicate_paragraph_share:g}"
+        ratio = measured["char_repetition"]
+        if p.max_char_repetition_ratio is not None and ratio > p.max_char_repetition_ratio:
+            return CHAR_REPETITION, f"character repetition {ratio:.3f} > {p.max_char_repetition_ratio:g}"
+        ratio = measured["word_repetition"]
+        if p.max_word_repetition_ratio is not None and ratio > p.max_word_repetition_ratio:
+            return WORD_REPETITION, f"word repetition {ratio:.3f} > {p.max_word_repetition_ratio:g}"
         return None

@@ -121,12 +121,24 @@ def change(a: Decoded, b: Decoded) -> float:
 
 
 class EditChecks(Stage):
-    """Drops edit samples with missing or undecodable images and turns that change nothing."""
+    """Drops edit samples with missing or undecodable images and turns that change nothing.
+
+    One step (`process`): its criterion compares each turn's exact change with `min_change`
+    while meta records the change rounded to 3 decimals, and whether a turn's output has the
+    input's very pixels is not recorded; so every drop is a hard one and a changed
+    `min_change` (a selection param) still needs the stage to run again.
+    """
 
     name = "edit_checks"
     Params = EditChecksParams
     phase = "prepare"
     resources = Resources(cpus=1.0)
+    reads = frozenset({"kind", "images", "image_meta", "segments", "meta"})
+    provides = frozenset({"meta"})
+    reads_images = True
+    # max_pixels: an image above it does not decode (nothing to measure); threads only sets the pace
+    annotation_params = frozenset({"max_pixels", "threads"})
+    selection_params = frozenset({"min_change"})
 
     def __init__(self, params: EditChecksParams, context: StageContext | None = None):
         super().__init__(params, context)

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from curate.edit_sample import EDIT_KIND, Turn, read_turns, write_turns
 from curate.models.clip import ClipSpec
-from curate.ops.clip_stage import ClipModelStage, merge_scores, set_struct_column
+from curate.ops.clip_stage import ClipModelStage, merge_scores, score_values, set_struct_column
 from curate.ops.image_embedding import embed_images, embed_texts
 from curate.stage import Params, with_drops
 
@@ -58,14 +58,20 @@ def direction_cosine(image_change: np.ndarray, text_change: np.ndarray) -> float
 
 
 class EditDirection(ClipModelStage):
-    """Scores every edit turn's image change against its text change; optionally filters on the score."""
+    """Scores every edit turn's image change against its text change (`annotate`); optionally filters on
+    the score (`select`)."""
 
     name = "edit_direction"
     Params = EditDirectionParams
     clip_field = "model"
+    version = 1
+    reads = frozenset({"kind", "images", "segments", "captions", "meta"})
+    provides = frozenset({"scores", "meta"})
+    annotation_params = ClipModelStage.annotation_params | {"text"}
+    selection_params = frozenset({"min_score"})
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        """Fill scores.clip_direction and meta.edit.turns[].clip_direction; drop failures and low scores."""
+    def annotate(self, batch: pa.Table) -> pa.Table:
+        """Fill scores.clip_direction and meta.edit.turns[].clip_direction; drop missing or undecodable images."""
         if not hasattr(self, "model"):
             self.setup()
         rows = batch.select(["kind", "images", "segments", "captions", "meta"]).to_pylist()
@@ -79,7 +85,7 @@ class EditDirection(ClipModelStage):
         for row, plan in zip(rows, plans):
             result = plan.score(image_emb[image_at:image_at + len(plan.images)],
                                 errors[image_at:image_at + len(plan.images)],
-                                text_emb[text_at:text_at + len(plan.texts)], self.params.min_score)
+                                text_emb[text_at:text_at + len(plan.texts)])
             image_at += len(plan.images)
             text_at += len(plan.texts)
             scores.append(result.score)
@@ -88,6 +94,23 @@ class EditDirection(ClipModelStage):
             details.append(result.detail)
         batch = merge_scores(batch, SCORE, scores)
         batch = set_struct_column(batch, "meta", metas)
+        return with_drops(batch, reasons, details)
+
+    def select(self, batch: pa.Table) -> pa.Table:
+        """Drop scores.clip_direction below min_score (edit_inconsistent), naming a chain's weakest turn."""
+        limit = self.params.min_score
+        reasons: list[str | None] = []
+        details: list[str | None] = []
+        segments, metas = batch.column("segments").to_pylist(), batch.column("meta").to_pylist()
+        for score, row_segments, meta in zip(score_values(batch, SCORE), segments, metas):
+            if limit is None or score is None or np.float32(score) >= limit:  # as stored: float32
+                reasons.append(None)
+                details.append(None)
+                continue
+            values = [turn.extra.get("clip_direction") for turn in read_turns(row_segments, meta)]
+            where = f"turn {weakest_turn(values) + 1}: " if len(values) > 1 and None not in values else ""
+            reasons.append(EDIT_INCONSISTENT)
+            details.append(f"{where}clip_direction {score:.4f} < {limit}")
         return with_drops(batch, reasons, details)
 
     def _plan(self, row: dict[str, Any]) -> "_Plan":
@@ -122,8 +145,7 @@ class _Plan:
         self.turns, self.indices, self.images, self.texts = turns, indices, images, texts
         self.use_captions = use_captions
 
-    def score(self, image_emb: np.ndarray, errors: list[str | None], text_emb: np.ndarray,
-              min_score: float | None) -> _Result:
+    def score(self, image_emb: np.ndarray, errors: list[str | None], text_emb: np.ndarray) -> _Result:
         if not self.turns:
             return _Result()
         position = {index: i for i, index in enumerate(self.indices)}
@@ -139,12 +161,12 @@ class _Plan:
             value = direction_cosine(image_change, text_change)
             turn.extra["clip_direction"] = round(value, 4)
             values.append(value)
-        score = min(values)
-        if min_score is not None and score < min_score:
-            weakest = values.index(score) + 1
-            where = f"turn {weakest}: " if len(values) > 1 else ""
-            return _Result(score, EDIT_INCONSISTENT, f"{where}clip_direction {score:.4f} < {min_score}")
-        return _Result(score)
+        return _Result(min(values))
+
+
+def weakest_turn(values: list[float]) -> int:
+    """The index of the first turn with the lowest value."""
+    return values.index(min(values))
 
 
 def _bytes_at(images: list[Any], index: Any) -> bytes | None:

@@ -66,12 +66,23 @@ def assign(similarity: np.ndarray) -> list[int]:
 
 
 class ImageTextAssignment(ClipModelStage):
-    """Fills meta.image_text (similarities, assignment) and scores.clip_score of interleaved documents."""
+    """Fills meta.image_text (similarities, assignment) and scores.clip_score of interleaved documents.
+
+    One step (`process` only): `min_image_similarity` removes images from a document before the
+    assignment is made, which changes the document rather than dropping it, so it cannot be a
+    `select` criterion; every parameter is an annotation parameter.
+    """
 
     name = "image_text_assignment"
     Params = ImageTextAssignmentParams
     params: ImageTextAssignmentParams
     clip_field = "model"
+    version = 1
+    reads = frozenset({"kind", "images", "image_meta", "segments", "meta", "scores"})
+    provides = frozenset({"images", "image_meta", "segments", "meta", "scores"})
+    annotation_params = ClipModelStage.annotation_params | {
+        "split_sentences", "min_sentence_chars", "min_image_similarity", "reorder", "keep_matrix"}
+    selection_params = frozenset()
 
     def process(self, batch: pa.Table) -> pa.Table:
         """Embed every document's images and sentences, assign, record; rows of other kinds pass unchanged."""

@@ -20,6 +20,9 @@ in `meta` keeps its keys, except that an existing `"language"` key is replaced;
 `meta` that is not a JSON object is kept as `{"original": <the string>}`. The
 result is written with sorted keys and without spaces.
 
+`annotate` detects and records; `select` keeps or drops from `meta.language` alone, so
+changing `languages` or `min_confidence` re-selects without detecting again.
+
 Confidences are lingua's relative probabilities over the candidate languages
 (they sum to 1), so their scale depends on the candidates. Measured on the 89
 English captions of the URL list in tests/data: with all 75 languages, short
@@ -194,6 +197,14 @@ def _meta_object(meta: str | None) -> dict:
     return parsed if isinstance(parsed, dict) else {"original": meta}
 
 
+def read_detection(meta: str | None) -> Detection:
+    """The detection recorded in `meta.language`; ValueError when the sample was not annotated."""
+    record = _meta_object(meta).get(META_KEY)
+    if not isinstance(record, dict):
+        raise ValueError(f"meta.{META_KEY} is missing: the language stage's annotate() did not run on this sample")
+    return Detection(record.get("code"), record.get("confidence"))
+
+
 def verdict(detection: Detection, params: LanguageParams) -> tuple[str, str] | None:
     """(reason, detail) when a sample with this detection is dropped, else None."""
     if not params.languages or detection.confidence is None:
@@ -215,6 +226,11 @@ class LanguageFilter(Stage):
     phase = "prepare"
     Params = LanguageParams
     params: LanguageParams
+    reads = frozenset({"kind", "captions", "segments", "meta"})
+    provides = frozenset({"meta"})
+    reads_images = False
+    annotation_params = frozenset({"candidates", "low_accuracy_mode", "min_chars"})
+    selection_params = frozenset({"languages", "min_confidence"})
 
     def __init__(self, params: LanguageParams, context: StageContext | None = None):
         super().__init__(params, context)
@@ -236,14 +252,17 @@ class LanguageFilter(Stage):
         """
         self._detector = None
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        """Return `batch` with the language in `meta` and `drop_reason` set on unwanted rows."""
+    def annotate(self, batch: pa.Table) -> pa.Table:
+        """Return `batch` with each sample's detected language and its confidence in `meta.language`."""
         if self._detector is None:
             self.setup()
         detections = self._detect(self._texts(batch))
         metas = [with_language(m, d) for m, d in zip(batch.column("meta").to_pylist(), detections)]
-        batch = batch.set_column(batch.schema.get_field_index("meta"), "meta", pa.array(metas, pa.string()))
-        verdicts = [verdict(d, self.params) for d in detections]
+        return batch.set_column(batch.schema.get_field_index("meta"), "meta", pa.array(metas, pa.string()))
+
+    def select(self, batch: pa.Table) -> pa.Table:
+        """Return `batch` with `drop_reason` set on rows whose `meta.language` is not wanted."""
+        verdicts = [verdict(read_detection(meta), self.params) for meta in batch.column("meta").to_pylist()]
         reasons = [v[0] if v else None for v in verdicts]
         details = [v[1] if v else None for v in verdicts]
         return with_drops(batch, reasons, details)

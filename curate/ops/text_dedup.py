@@ -86,6 +86,11 @@ class TextDedup(CorpusStage):
     Params = TextDedupParams
     params: TextDedupParams
     columns = ("key", "segments", "source", "scores", "image_meta", "meta")
+    reads = frozenset(columns) - {"key"}
+    provides = frozenset({"meta"})  # meta.dedup.url / meta.dedup.text of the kept group members
+    reads_images = False
+    annotation_params = frozenset({"num_perm", "shingle_words", "seed"})  # what the MinHashes are
+    selection_params = frozenset({"threshold", "min_words", "urls", "policy"})
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict]:
         """Decide URL duplicates, then near-duplicate texts among the rest; one decision table."""

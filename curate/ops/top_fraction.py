@@ -41,6 +41,11 @@ class TopFractionFilter(CorpusStage):
     name = "top_fraction"
     Params = TopFractionParams
     columns = ("key", "scores")
+    reads = frozenset({"scores"})
+    provides = frozenset()
+    reads_images = False
+    annotation_params = frozenset()
+    selection_params = frozenset({"score", "fraction"})
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict]:
         """Drop rows below the threshold (`below_top_fraction`) or without the score (`not_scored`)."""

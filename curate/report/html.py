@@ -270,8 +270,8 @@ def _dedup(output: Output, max_source_rows: int) -> str:
     if not decisions:
         return _section("dedup", '<p class="note">This recipe has no dedup stage.</p>')
     fields = ("method", "threshold", "policy", "index", "judged", "pairs", "groups", "removed", "seconds")
-    rows = [[name, *(summary.get(f) for f in fields)] for name, summary in decisions.items()]
-    body = _table(["stage", *fields], rows, {5, 6, 7, 8, 9})
+    rows = [[name, *(summary.get(f) for f in fields), kept_because(summary)] for name, summary in decisions.items()]
+    body = _table(["stage", *fields, "kept because"], rows, {5, 6, 7, 8, 9})
     keys = {key for summary in decisions.values() for group in summary.get("examples", []) for key in group}
     kept = find_kept(output, keys)
     dropped = find_dropped(output, keys - set(kept))
@@ -293,6 +293,12 @@ def _dedup(output: Output, max_source_rows: int) -> str:
     if note:
         body += f'<p class="note">{esc(note)}</p>'
     return _section("dedup", body)
+
+
+def kept_because(summary: dict[str, Any]) -> str:
+    """A dedup summary's removals per deciding keep criterion, e.g. "original_pixels 3, source_order 1"."""
+    counts = summary.get("kept_because") or {}
+    return ", ".join(f"{name} {count}" for name, count in counts.items() if count)
 
 
 def _kept(samples: list[Sample], total: int) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from curate import registry, schema
 from curate.drop_log import IMAGE, iter_drops, sample_drops
@@ -182,6 +183,9 @@ def fill_dropped(output: Output, samples: list[Sample], max_source_rows: int = D
     targets = [s for s in samples if s.reason is not None and s.stage != "source"]
     if not targets:
         return "no dropped samples to show"
+    if (output.layout.pool / "input").is_dir():
+        _fill_from_pool(output, targets)
+        return "captions, scores and images of dropped samples from the pool (_pool/)"
     if output.layout.work.is_dir():
         _fill_from_work_area(output, targets)
         return "captions, scores and images of dropped samples from the kept work area (_work/)"
@@ -192,7 +196,32 @@ def fill_dropped(output: Output, samples: list[Sample], max_source_rows: int = D
     for sample in targets:
         sample.caption = captions.get(sample.key, sample.caption)
     found = "captions read back from the source" if captions else "the source has no captions for them"
-    return f"dropped samples: no image bytes are kept (run with engine.keep_work: true to keep them); {found}"
+    return (f"dropped samples: no image bytes are kept (the pool was deleted or not kept: engine.keep_pool); "
+            f"{found}")
+
+
+def _fill_from_pool(output: Output, samples: list[Sample]) -> None:
+    """Look each sample up in the pool: its input row with every stage's annotations, image bytes included."""
+    from curate.engine.pool import STATUS_FIELDS, Provider, ShardView
+
+    layout = output.layout
+    by_key = {sample.key: sample for sample in samples}
+    stages = [stage["name"] for stage in output.manifest.get("stages", [])]
+    for input_file in sorted((layout.pool / "input").glob("[0-9]*[0-9].parquet")):
+        keys = set(pq.read_table(input_file, columns=["key"]).column("key").to_pylist())
+        if not keys & by_key.keys():
+            continue
+        providers = []
+        for name in stages:
+            table = layout.shard_file(layout.annotation_phase(name), int(input_file.name.split(".")[0]))
+            if table.is_file():
+                status = {f.name for f in STATUS_FIELDS} | {"key"}
+                provides = tuple(n for n in pq.read_schema(table).names if n not in status)
+                providers.append(Provider(name, provides, str(table)))
+        for batch, _, _ in ShardView(str(input_file), providers, with_images=True).batches(256):
+            for row in batch.to_pylist():
+                if row["key"] in by_key:
+                    sample_from_row(row, by_key[row["key"]])
 
 
 def _fill_from_work_area(output: Output, samples: list[Sample]) -> None:

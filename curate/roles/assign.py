@@ -60,23 +60,34 @@ class RoleAssignmentParams(Params):
 
 
 class RoleAssignment(Stage):
-    """Writes the `roles` column; drops role-less samples (`no_role`) when roles are required."""
+    """Writes the `roles` column (`annotate`); drops role-less samples (`no_role`) when roles are required
+    (`select`)."""
 
     name = ROLE_STAGE
     Params = RoleAssignmentParams
     phase = ROLE_PHASE  # the engine sets it to the phase the step joins
+    reads = frozenset({"kind", "scores", "captions", "image_meta", "source", "meta"})  # the condition fields
+    provides = frozenset({"roles"})
+    reads_images = False
+    annotation_params = frozenset({"roles"})
+    selection_params = frozenset({"required"})
 
     def __init__(self, params: RoleAssignmentParams, context: StageContext | None = None):
         super().__init__(params, context)
         self.router = RoleRouter(params.roles)
 
-    def process(self, batch: pa.Table) -> pa.Table:
+    def annotate(self, batch: pa.Table) -> pa.Table:
+        """Return `batch` with each sample's roles (those whose condition it meets, in recipe order)."""
         roles = self.router.route(batch)
         field = schema.SAMPLE_SCHEMA.field("roles")
-        batch = batch.set_column(batch.schema.get_field_index("roles"), field, pa.array(roles, field.type))
+        return batch.set_column(batch.schema.get_field_index("roles"), field, pa.array(roles, field.type))
+
+    def select(self, batch: pa.Table) -> pa.Table:
+        """With `required`, drop the samples that have no role."""
         if not self.params.required:
             return batch
         names = ", ".join(self.params.roles)
+        roles = batch.column("roles").to_pylist()
         reasons = [None if assigned else NO_ROLE for assigned in roles]
         details = [None if assigned else f"meets none of the roles: {names}" for assigned in roles]
         return with_drops(batch, reasons, details)

@@ -16,12 +16,19 @@ list, the list file and the entry number, never the entry, caption or bytes. Wit
 `redact_urls` (default) the dropped sample's URLs are blanked before the drop log is
 written, so the log keeps only its key. A sample with several images is dropped
 whole when any of them matches.
+
+Both stages have one step (`process`): a match is a hard drop, recorded with the stage's
+annotations, so a listed sample reaches no later stage (no model sees a listed image, no
+later annotation table holds anything of it), and the blanked URLs are in the columns the
+stage provides, which are what the drop log is written from. The annotation fingerprint
+includes the sha256 of every list file, so a list edited in place is matched again.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +42,7 @@ from curate.safety.lists import (
     as_list_file,
     as_unsigned,
     host_suffixes,
+    list_path,
     normalise_domain,
     normalise_sha256,
     normalise_url,
@@ -98,11 +106,25 @@ def redact(batch: pa.Table, rows: list[int]) -> pa.Table:
     return batch
 
 
+def list_digest(item: ListRef, recipe_dir: str) -> str:
+    """sha256 of a list file's bytes (the file as `read_entries` finds it); RecipeError when it is missing."""
+    path = list_path(as_list_file(item), recipe_dir)
+    if not path.is_file():
+        raise RecipeError(f"list file {path} does not exist")
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class _BlocklistBase(Stage):
     """Shared by both stages: drop matching rows with reason `blocklist`, redacting their URLs."""
 
     phase = "prepare"
     resources = Resources(cpus=1.0)
+    provides = frozenset({"image_meta", "source"})  # the blanked URLs of the dropped rows
+    list_fields: ClassVar[tuple[str, ...]] = ()  # the Params fields holding list files
 
     def __init__(self, params: Params, context: StageContext | None = None):
         super().__init__(params, context)
@@ -114,6 +136,16 @@ class _BlocklistBase(Stage):
 
     def _match(self, batch: pa.Table) -> list[str | None]:
         raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """The annotation's fingerprint, with the sha256 of every list file (entries change in place)."""
+        lists = {f"{field}[{i}]": list_digest(item, self.context.recipe_dir)
+                 for field in self.list_fields for i, item in enumerate(getattr(self.params, field))}
+        return {**super().fingerprint(), "lists": lists}
+
+    def forgets_drops(self) -> bool:
+        """With `redact_urls`, a listed sample leaves no bytes, URL or caption in the pool either."""
+        return self.params.redact_urls
 
     def process(self, batch: pa.Table) -> pa.Table:
         """Mark listed samples with reason `blocklist`."""
@@ -145,6 +177,11 @@ class Blocklist(_BlocklistBase):
 
     name = "blocklist"
     Params = BlocklistParams
+    reads = frozenset({"image_meta", "source"})
+    reads_images = False
+    list_fields = ("urls", "domains")
+    annotation_params = frozenset({"urls", "domains", "redact_urls"})  # redact_urls changes provided columns
+    selection_params = frozenset()
 
     def setup(self) -> None:
         """Read and normalise the lists once per worker."""
@@ -193,11 +230,20 @@ class BlocklistHashesParams(Params):
 
 
 class BlocklistHashes(_BlocklistBase):
-    """Drops samples whose image hashes are listed. Place it after `fetch`."""
+    """Drops samples whose image hashes are listed. Place it after `fetch`.
+
+    `max_distance` is a threshold (a selection param), but the stage has one step: its
+    matches are hard drops, so a changed `max_distance` still needs the stage to run again.
+    """
 
     name = "blocklist_hashes"
     reads_image_fingerprints = True
     Params = BlocklistHashesParams
+    reads = frozenset({"images", "image_meta", "source"})
+    reads_images = True  # an image that came with bytes but no hashes is hashed here
+    list_fields = ("sha256", "phash")
+    annotation_params = frozenset({"sha256", "phash", "redact_urls"})  # redact_urls changes provided columns
+    selection_params = frozenset({"max_distance"})
 
     def setup(self) -> None:
         """Read and normalise the lists once per worker."""

@@ -6,13 +6,15 @@ down to at most `detect_side` pixels. It works offline and on any CPU; it finds
 upright frontal faces and misses profiles, small or occluded faces, and it has false
 positives (animal faces, textures).
 
-Per sample, `meta` gets ``"faces"``: for each image, a list of ``[x, y, w, h]`` boxes in
-pixels of the stored image (``images[i].bytes``). With `blur: true`, each box (grown by
-`margin` on every side) is Gaussian-blurred in the stored image, which is re-encoded in
-its own format (`image_meta[i].format`); `image_meta[i].num_bytes` follows the new bytes,
-and ``"faces_blurred"`` in `meta` counts the sample's blurred images. `sha256`,
-`pixel_sha256` and `phash` keep describing the original as fetched (dedup and blocklists
-match originals). `max_faces` and `max_face_fraction` drop samples (reason `faces`).
+Per sample, `annotate` gives `meta` ``"faces"``: for each image, a list of ``[x, y, w, h]``
+boxes in pixels of the stored image (``images[i].bytes``), and sets ``image_meta[i].width`` /
+``height`` to the stored image's size. `select` drops samples by `max_faces` and
+`max_face_fraction` (reason `faces`) from those alone. With `blur: true`, `transform` (run on
+the kept rows when the output is written) Gaussian-blurs each box, grown by `margin` on every
+side, in the stored image, which is re-encoded in its own format (`image_meta[i].format`);
+`image_meta[i].num_bytes` follows the new bytes, and ``"faces_blurred"`` in `meta` counts the
+sample's blurred images. `sha256`, `pixel_sha256` and `phash` keep describing the original as
+fetched (dedup and blocklists match originals).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pydantic import Field
 
 from curate import schema
 from curate.models.weights import sha256_file
-from curate.safety.images import decode_rgb, encode_like, merge_meta
+from curate.safety.images import decode_rgb, encode_like, merge_meta, meta_object
+from curate.schema import DROP_REASON
 from curate.stage import Params, RecipeError, Resources, Stage, StageContext, with_drops
 
 FACES = "faces"
@@ -108,6 +111,15 @@ class FacesStage(Stage):
     Params = FacesParams
     phase = "safety"
     resources = Resources(cpus=1.0)
+    version = 1
+    reads = frozenset({"images", "image_meta", "meta"})
+    # annotate fills meta.faces and image sizes; the blur (transform, at the write) changes images,
+    # image_meta and meta of the kept rows, which the pool does not store
+    provides = frozenset({"meta", "image_meta"})
+    reads_images = True
+    write_transform = True
+    annotation_params = frozenset({"cascade", "scale_factor", "min_neighbors", "min_size", "detect_side"})
+    selection_params = frozenset({"max_faces", "max_face_fraction", "blur", "margin", "blur_radius", "quality"})
 
     def __init__(self, params: FacesParams, context: StageContext | None = None):
         super().__init__(params, context)
@@ -121,18 +133,21 @@ class FacesStage(Stage):
         """What the manifest records about the detector."""
         path = cascade_file(self.params.cascade, self.context.recipe_dir)
         return [{"stage": self.name, "role": "face_detector", "name": f"OpenCV {cv2.__version__} Haar cascade",
-                 "weights": str(path), "sha256": sha256_file(path)}]
+                 "weights": str(path), "sha256": sha256_file(path), "device": "cpu"}]
 
     def setup(self) -> None:
         """Load the cascade once per worker."""
         self.detector = FaceDetector(cascade_file(self.params.cascade, self.context.recipe_dir), self.params)
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        """Detect faces in every image; record boxes; blur or drop as configured."""
+    def annotate(self, batch: pa.Table) -> pa.Table:
+        """Detect faces in every image: boxes in meta.faces, each image's size in image_meta[i].width/height.
+
+        Only rows with an undecodable image are dropped (corrupt).
+        """
         if self.detector is None:
             self.setup()
         images = batch.column("images").to_pylist()
-        metas = batch.column("image_meta").to_pylist()
+        image_meta = batch.column("image_meta").to_pylist()
         sample_meta = batch.column("meta").to_pylist()
         reasons: list[str | None] = [None] * batch.num_rows
         details: list[str | None] = [None] * batch.num_rows
@@ -142,40 +157,63 @@ class FacesStage(Stage):
             except Exception as error:  # a sample-level failure: recorded as the row's drop detail
                 reasons[row], details[row] = CORRUPT, f"cannot decode for face detection: {error}"
                 continue
-            boxes = [self.detector.detect(image) for image in decoded]
-            verdict = self._verdict(decoded, boxes)
-            if verdict:
-                reasons[row], details[row] = FACES, verdict
-                continue
-            update: dict = {"faces": boxes}
-            if self.params.blur:
-                update["faces_blurred"] = self._blur_row(images[row], metas[row] or [], decoded, boxes)
-                self.count("images_blurred", update["faces_blurred"])
-            sample_meta[row] = merge_meta(sample_meta[row], update)
-        if self.params.blur:
-            batch = self._set(batch, "images", images)
-            batch = self._set(batch, "image_meta", metas)
+            image_meta[row] = with_sizes(image_meta[row] or [], decoded)
+            sample_meta[row] = merge_meta(sample_meta[row], {"faces": [self.detector.detect(i) for i in decoded]})
+        batch = self._set(batch, "image_meta", image_meta)
         batch = batch.set_column(batch.schema.get_field_index("meta"), "meta", pa.array(sample_meta, pa.string()))
         return with_drops(batch, reasons, details)
 
-    def _verdict(self, decoded: list[Image.Image], boxes: list[list[list[int]]]) -> str | None:
+    def select(self, batch: pa.Table) -> pa.Table:
+        """Drop (faces) rows over max_faces / max_face_fraction, from meta.faces and image_meta sizes."""
+        details: list[str | None] = []
+        for meta, image_meta in zip(batch.column("meta").to_pylist(), batch.column("image_meta").to_pylist()):
+            boxes = meta_object(meta).get("faces")
+            details.append(self._verdict(image_meta or [], boxes) if isinstance(boxes, list) else None)
+        return with_drops(batch, [FACES if detail else None for detail in details], details)
+
+    def transform(self, batch: pa.Table) -> pa.Table:
+        """With `blur`: blur the faces of meta.faces in the kept rows' images (re-encoded in their format),
+        update image_meta[i].format / num_bytes, and count the sample's blurred images in meta.faces_blurred."""
+        if not self.params.blur:
+            return batch
+        images = batch.column("images").to_pylist()
+        image_meta = batch.column("image_meta").to_pylist()
+        sample_meta = batch.column("meta").to_pylist()
+        dropped = batch.column(DROP_REASON).to_pylist() if DROP_REASON in batch.column_names else [None] * len(images)
+        for row in range(batch.num_rows):
+            boxes = meta_object(sample_meta[row]).get("faces")
+            if dropped[row] is not None or not isinstance(boxes, list):
+                continue
+            image_meta[row] = list(image_meta[row] or [])
+            blurred = self._blur_row(images[row] or [], image_meta[row], boxes)
+            self.count("images_blurred", blurred)
+            sample_meta[row] = merge_meta(sample_meta[row], {"faces_blurred": blurred})
+        batch = self._set(batch, "images", images)
+        batch = self._set(batch, "image_meta", image_meta)
+        return batch.set_column(batch.schema.get_field_index("meta"), "meta", pa.array(sample_meta, pa.string()))
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Detect, record and drop as configured, then blur the faces of the kept rows (`blur`)."""
+        return self.transform(self.select(self.annotate(batch)))
+
+    def _verdict(self, image_meta: list[dict | None], boxes: list) -> str | None:
         """Why the sample is dropped under max_faces / max_face_fraction, else None."""
-        for index, (image, found) in enumerate(zip(decoded, boxes)):
-            if self.params.max_faces is not None and len(found) > self.params.max_faces:
-                return f"image {index}: {len(found)} faces > {self.params.max_faces}"
-            if self.params.max_face_fraction is not None and found:
-                largest = max(w * h for _, _, w, h in found) / (image.width * image.height)
-                if largest > self.params.max_face_fraction:
-                    return f"image {index}: a face covers {largest:.3f} of the image > {self.params.max_face_fraction}"
+        limit, fraction_limit = self.params.max_faces, self.params.max_face_fraction
+        for index, found in enumerate(boxes):
+            if limit is not None and len(found) > limit:
+                return f"image {index}: {len(found)} faces > {limit}"
+            largest = largest_face(found, image_meta[index] if index < len(image_meta) else None)
+            if fraction_limit is not None and largest is not None and largest > fraction_limit:
+                return f"image {index}: a face covers {largest:.3f} of the image > {fraction_limit}"
         return None
 
-    def _blur_row(self, images: list[dict], metas: list[dict], decoded: list[Image.Image],
-                  boxes: list[list[list[int]]]) -> int:
-        """Blur the faces of one sample's images in place (bytes and num_bytes); return how many images changed."""
+    def _blur_row(self, images: list[dict], metas: list[dict | None], boxes: list[list[list[int]]]) -> int:
+        """Blur the faces of one sample's images in place (bytes, format, num_bytes); return how many images changed."""
         changed = 0
-        for index, (image, found) in enumerate(zip(decoded, boxes)):
-            if not found:
+        for index, found in enumerate(boxes):
+            if not found or index >= len(images):
                 continue
+            image = decode_rgb(images[index]["bytes"])
             blurred = blur_boxes(image, found, self.params.margin, self.params.blur_radius)
             meta = metas[index] if index < len(metas) and metas[index] is not None else {}
             data, fmt = encode_like(blurred, meta.get("format"), images[index]["bytes"], self.params.quality)
@@ -189,3 +227,20 @@ class FacesStage(Stage):
     def _set(batch: pa.Table, name: str, values: list) -> pa.Table:
         field = schema.SAMPLE_SCHEMA.field(name)
         return batch.set_column(batch.schema.get_field_index(name), field, pa.array(values, field.type))
+
+
+def largest_face(boxes: list[list[int]], image_meta: dict | None) -> float | None:
+    """The share of its image the largest box covers (None without boxes or without the image's size)."""
+    width, height = (image_meta or {}).get("width"), (image_meta or {}).get("height")
+    if not boxes or not width or not height:
+        return None
+    return max(w * h for _, _, w, h in boxes) / (width * height)
+
+
+def with_sizes(image_meta: list[dict | None], decoded: list[Image.Image]) -> list[dict]:
+    """`image_meta` with width and height of each decoded image (an entry added where one is missing)."""
+    sized = [dict(entry or {}) for entry in image_meta]
+    sized += [{} for _ in range(len(decoded) - len(sized))]
+    for entry, image in zip(sized, decoded):
+        entry["width"], entry["height"] = image.width, image.height
+    return sized

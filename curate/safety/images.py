@@ -46,16 +46,44 @@ def encode_like(image: Image.Image, fmt: str | None, original: bytes, quality: i
     return buffer.getvalue(), (fmt if fmt and fmt.lower() in ENCODERS else name)
 
 
-def merge_meta(meta: str | None, update: dict[str, Any]) -> str:
-    """The sample's `meta` JSON with the keys of `update` set (a non-object meta is kept as `original`)."""
+def meta_object(meta: str | None) -> dict[str, Any]:
+    """The sample's `meta` JSON as a dict (a non-object meta is kept as `original`)."""
     try:
         current = json.loads(meta) if meta else {}
     except json.JSONDecodeError:
         current = {"original": meta}
     if not isinstance(current, dict):
         current = {"original": current}
+    return current
+
+
+def _dump(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def merge_meta(meta: str | None, update: dict[str, Any]) -> str:
+    """The sample's `meta` JSON with the keys of `update` set (a non-object meta is kept as `original`)."""
+    current = meta_object(meta)
     current.update(update)
-    return json.dumps(current, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _dump(current)
+
+
+def replace_meta_keys(meta: str | None, update: dict[str, Any]) -> str | None:
+    """`meta` with the keys of `update` set, those whose value is None removed; unchanged when that changes nothing.
+
+    A stage uses it for keys it owns, so a sample annotated again keeps no stale value.
+    """
+    current = meta_object(meta)
+    changes = {key: value for key, value in update.items()
+               if (value is None and key in current) or (value is not None and current.get(key) != value)}
+    if not changes:
+        return meta
+    for key, value in changes.items():
+        if value is None:
+            del current[key]
+        else:
+            current[key] = value
+    return _dump(current)
 
 
 def sample_texts(captions: list[dict] | None, segments: list[dict] | None) -> list[str]:

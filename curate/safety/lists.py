@@ -34,10 +34,15 @@ def as_list_file(item: str | ListFile) -> ListFile:
     return ListFile(path=item) if isinstance(item, str) else item
 
 
+def list_path(item: ListFile, recipe_dir: str) -> Path:
+    """Where a list file is: its path as given, relative ones from the recipe's folder."""
+    path = Path(item.path).expanduser()
+    return path if path.is_absolute() else Path(recipe_dir) / path
+
+
 def read_entries(item: ListFile, recipe_dir: str, where: str) -> list[str]:
     """The entries of a list file as stripped strings (empty cells and nulls skipped)."""
-    path = Path(item.path).expanduser()
-    path = path if path.is_absolute() else Path(recipe_dir) / path
+    path = list_path(item, recipe_dir)
     if not path.is_file():
         raise RecipeError(f"list file {path} does not exist", path=where)
     try:

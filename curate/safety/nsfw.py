@@ -11,7 +11,12 @@ provider when that is installed and the run has a GPU.
 
 Before any image is decoded, every caption and text segment is screened against a
 word list (nsfw_words.txt, extended by `caption_words` / `caption_word_files`);
-a match drops the sample with `nsfw_caption` and skips the detector.
+a match skips the detector and drops the sample with `nsfw_caption`.
+
+`annotate` records the screen's match in ``meta.nsfw_caption`` (the list and entry number,
+never the text) and, for the rows it scores, the class and image the score comes from in
+``meta.nsfw``; only undecodable images are dropped there. `select` drops the screened rows,
+then the scores above `max_score`.
 """
 
 from __future__ import annotations
@@ -26,14 +31,16 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.models.weights import local_file, verify_sha256
-from curate.ops.clip_stage import local_path, merge_scores
+from curate.ops.clip_stage import local_path, merge_scores, score_values
 from curate.safety.captions import BUNDLED_WORDS, CaptionScreen, read_terms
-from curate.safety.images import decode_rgb, sample_texts
-from curate.stage import Params, RecipeError, Resources, Stage, StageContext, with_drops
+from curate.safety.images import decode_rgb, meta_object, replace_meta_keys, sample_texts
+from curate.stage import Params, RecipeError, Resources, Stage, StageContext, WeightsUnavailable, with_drops
 
 NSFW = "nsfw"
 NSFW_CAPTION = "nsfw_caption"
 CORRUPT = "corrupt"
+META_CAPTION = "nsfw_caption"  # meta key: the caption screen's match, {list, entry}
+META_DETECTION = "nsfw"  # meta key: the class and image scores.nsfw comes from, {class, image}
 
 # NudeNet 3.x class order (the rows 4.. of the model's output).
 LABELS = (
@@ -42,6 +49,7 @@ LABELS = (
     "FEET_COVERED", "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE", "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED",
     "ANUS_COVERED", "FEMALE_BREAST_COVERED", "BUTTOCKS_COVERED",
 )
+DETECTOR_PRECISION = "fp32"  # NudeNet's ONNX model is float32, on the CPU and the CUDA provider alike
 UNSAFE = ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "BUTTOCKS_EXPOSED",
           "ANUS_EXPOSED")
 
@@ -132,6 +140,13 @@ class NsfwStage(Stage):
     Params = NsfwParams
     phase = "safety"
     resources = Resources(cpus=1.0, gpus=1.0)  # the GPU is asked for only when the cluster has one
+    version = 1
+    reads = frozenset({"images", "captions", "segments", "meta"})
+    provides = frozenset({"scores", "meta"})
+    reads_images = True
+    annotation_params = frozenset({"classes", "model", "sha256", "input_size", "batch_size", "threads",
+                                   "caption_screen", "bundled_words", "caption_words", "caption_word_files"})
+    selection_params = frozenset({"max_score"})
 
     def __init__(self, params: NsfwParams, context: StageContext | None = None):
         super().__init__(params, context)
@@ -167,10 +182,13 @@ class NsfwStage(Stage):
             self._screen()
 
     def model_info(self) -> list[dict]:
-        """What the manifest records about the detector."""
-        path, sha = getattr(self, "_model_info", None) or self._model_file()
+        """What the manifest records about the detector (without a sha256 when its file is not available)."""
+        try:
+            path, sha = getattr(self, "_model_info", None) or self._model_file()
+        except WeightsUnavailable:
+            path, sha = self.params.model, self.params.sha256
         info = {"stage": self.name, "role": "nsfw_detector", "name": "NudeNet 320n", "weights": str(path),
-                "sha256": sha, "classes": self.params.classes}
+                "sha256": sha, "precision": DETECTOR_PRECISION, "classes": self.params.classes}
         if getattr(self, "detector", None) is not None:
             info["providers"] = self.detector.providers
         return [info]
@@ -183,32 +201,58 @@ class NsfwStage(Stage):
         self.class_index = [LABELS.index(label) for label in self.params.classes]
         self.screen = self._screen() if self.params.caption_screen else None
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        """Screen captions, then score the images of the remaining rows; drop by reason."""
+    def annotate(self, batch: pa.Table) -> pa.Table:
+        """Screen captions; score the images of the rows that pass; drop undecodable images.
+
+        Records the screen's match in meta.nsfw_caption ({list, entry}) and the detection behind
+        scores.nsfw in meta.nsfw ({class, image}); screened rows skip the detector.
+        """
         if getattr(self, "detector", None) is None:
             self.setup()
         reasons: list[str | None] = [None] * batch.num_rows
         details: list[str | None] = [None] * batch.num_rows
-        if self.screen is not None:
-            self._screen_captions(batch, reasons, details)
-        scores = self._score_images(batch, reasons, details)
+        matches = self._screen_captions(batch) if self.screen is not None else [None] * batch.num_rows
+        scores, found = self._score_images(batch, [m is not None for m in matches], reasons, details)
         batch = merge_scores(batch, "nsfw", scores)
+        metas = [replace_meta_keys(meta, {META_CAPTION: match, META_DETECTION: detection})
+                 for meta, match, detection in zip(batch.column("meta").to_pylist(), matches, found)]
+        batch = batch.set_column(batch.schema.get_field_index("meta"), "meta", pa.array(metas, pa.string()))
         return with_drops(batch, reasons, details)
 
-    def _screen_captions(self, batch: pa.Table, reasons: list, details: list) -> None:
+    def select(self, batch: pa.Table) -> pa.Table:
+        """Drop rows whose texts matched the screen (nsfw_caption), then scores.nsfw above max_score (nsfw)."""
+        verdicts = [self._verdict(meta_object(meta), score)
+                    for meta, score in zip(batch.column("meta").to_pylist(), score_values(batch, "nsfw"))]
+        return with_drops(batch, [reason for reason, _ in verdicts], [detail for _, detail in verdicts])
+
+    def _verdict(self, meta: dict, score: float | None) -> tuple[str | None, str | None]:
+        """(reason, detail) of one row from its recorded screen match and score; (None, None) keeps it."""
+        match, limit = meta.get(META_CAPTION), self.params.max_score
+        if isinstance(match, dict):
+            return NSFW_CAPTION, f"a text matches entry {match.get('entry')} of the {match.get('list')}"
+        if limit is None or score is None or score <= limit:
+            return None, None
+        detection = meta.get(META_DETECTION)
+        where = f" ({detection.get('class')}, image {detection.get('image')})" if isinstance(detection, dict) else ""
+        return NSFW, f"nsfw {score:.3f} > {limit}{where}"
+
+    def _screen_captions(self, batch: pa.Table) -> list[dict | None]:
+        """Per row: the list and entry number of the first listed term in its texts, else None."""
         captions = batch.column("captions").to_pylist()
         segments = batch.column("segments").to_pylist()
-        for row, (row_captions, row_segments) in enumerate(zip(captions, segments)):
+        matches: list[dict | None] = []
+        for row_captions, row_segments in zip(captions, segments):
             found = self.screen.match(sample_texts(row_captions, row_segments))
-            if found is not None:
-                reasons[row] = NSFW_CAPTION
-                details[row] = f"a text matches entry {found.entry} of the {found.list_name}"
+            matches.append(None if found is None else {"list": found.list_name, "entry": found.entry})
+        return matches
 
-    def _score_images(self, batch: pa.Table, reasons: list, details: list) -> list[float | None]:
-        """Per row: the max unsafe-class probability over its images (None when skipped or without images)."""
+    def _score_images(self, batch: pa.Table, skip: list[bool], reasons: list,
+                      details: list) -> tuple[list[float | None], list[dict | None]]:
+        """Per row: the max class probability over its images and the class and image it came from (None
+        when skipped, undecodable or without images); undecodable rows get their hard drop in `reasons`."""
         pending: list[tuple[int, int, np.ndarray]] = []  # (row, image index, pixels)
         for row, images in enumerate(batch.column("images").to_pylist()):
-            if reasons[row] is not None:
+            if skip[row]:
                 continue
             for index, image in enumerate(images or []):
                 try:
@@ -227,11 +271,8 @@ class NsfwStage(Stage):
                 if row not in best or values[top] > best[row][0]:
                     best[row] = (float(values[top]), self.params.classes[top], index)
         scores: list[float | None] = [None] * batch.num_rows
-        limit = self.params.max_score
+        found: list[dict | None] = [None] * batch.num_rows
         for row, (score, label, index) in best.items():
-            if reasons[row] is not None:
-                continue  # a later image of the row was undecodable
-            scores[row] = score
-            if limit is not None and score > limit:
-                reasons[row], details[row] = NSFW, f"nsfw {score:.3f} > {limit} ({label}, image {index})"
-        return scores
+            if reasons[row] is None:  # else a later image of the row was undecodable
+                scores[row], found[row] = score, {"class": label, "image": index}
+        return scores, found

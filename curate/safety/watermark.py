@@ -16,12 +16,19 @@ from pydantic import Field
 
 from curate.models.clip import ClipSpec, ModelUnavailable, check_clip_available, load_clip
 from curate.models.watermark import WatermarkSpec, check_watermark_available, load_watermark
-from curate.ops.clip_stage import ClipHeadStage, merge_scores, model_id, torch_threads
+from curate.ops.clip_stage import (
+    ClipHeadStage,
+    decode_drops,
+    merge_scores,
+    model_id,
+    range_drops,
+    score_values,
+    torch_threads,
+)
 from curate.ops.image_embedding import embed_images
 from curate.stage import Params, with_drops
 
 WATERMARK = "watermark"
-CORRUPT = "corrupt"
 
 
 class WatermarkParams(Params):
@@ -35,13 +42,20 @@ class WatermarkParams(Params):
 
 
 class WatermarkStage(ClipHeadStage):
-    """Fills scores.watermark (probability that image 0 carries a watermark); optionally filters on it."""
+    """Fills scores.watermark, the probability that image 0 carries a watermark (`annotate`); optionally
+    filters on it (`select`)."""
 
     name = "watermark"
     Params = WatermarkParams
     phase = "safety"
     head_role = "watermark_head"
     check_head = staticmethod(check_watermark_available)
+    version = 1
+    reads = frozenset({"images", "embeddings"})
+    provides = frozenset({"scores"})
+    reads_images = True  # the image is decoded when no embedding of the same CLIP is stored
+    annotation_params = ClipHeadStage.annotation_params
+    selection_params = frozenset({"max_score"})
 
     def setup(self) -> None:
         """Name the CLIP model whose stored embeddings can be reused; CLIP itself loads only when needed."""
@@ -53,8 +67,8 @@ class WatermarkStage(ClipHeadStage):
         self.model = load_clip(self.clip_spec, device="auto")
         self.pool = ThreadPoolExecutor(self.params.decode_threads, thread_name_prefix=f"{self.name}-decode")
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        """Fill scores.watermark; drop unreadable images and scores above `max_score`."""
+    def annotate(self, batch: pa.Table) -> pa.Table:
+        """Fill scores.watermark; drop images CLIP cannot decode."""
         if not hasattr(self, "model_name"):
             self.setup()
         embeddings, errors = self._image_embeddings(batch)
@@ -62,19 +76,13 @@ class WatermarkStage(ClipHeadStage):
             self.head = load_watermark(self.params.head, embeddings.shape[1])
         scores = self.head(np.nan_to_num(embeddings)) if len(embeddings) else np.zeros(0, np.float32)
         batch = merge_scores(batch, "watermark", [None if error else float(s) for s, error in zip(scores, errors)])
-        reasons, details = [], []
-        limit = self.params.max_score
-        for score, error in zip(scores, errors):
-            if error:
-                reasons.append(CORRUPT)
-                details.append(f"cannot decode for CLIP: {error}")
-            elif limit is not None and score > limit:
-                reasons.append(WATERMARK)
-                details.append(f"watermark {score:.3f} > {limit}")
-            else:
-                reasons.append(None)
-                details.append(None)
-        return with_drops(batch, reasons, details)
+        return with_drops(batch, *decode_drops(errors))
+
+    def select(self, batch: pa.Table) -> pa.Table:
+        """Drop scores.watermark above max_score (reason watermark)."""
+        drops = range_drops(score_values(batch, "watermark"), "watermark", None, self.params.max_score,
+                            (WATERMARK, WATERMARK), digits=3)
+        return with_drops(batch, *drops)
 
     def _image_embeddings(self, batch: pa.Table) -> tuple[np.ndarray, list[str | None]]:
         """Stored embeddings of this CLIP model where present, the others computed; (rows x d, errors)."""

@@ -88,12 +88,14 @@ def _cell_bytes(cell: Any, base_dir: Path, missing: str) -> tuple[bytes | None, 
 
 
 def probe(data: bytes) -> dict[str, Any]:
-    """`image_meta` fields known from the header: format, upright size, sha256 and byte counts."""
+    """`image_meta` fields known from the header: format, mode, EXIF orientation, upright size, sha256, byte counts."""
     try:
         with Image.open(io.BytesIO(data), formats=readable_formats()) as image:
             pillow_format = image.format or ""
+            mode = image.mode
+            orientation = _orientation(image)
             width, height = image.size
-            if _orientation(image) in SWAPPING_ORIENTATIONS:
+            if orientation in SWAPPING_ORIENTATIONS:
                 width, height = height, width
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise ImageCellError("corrupt", f"not an image of a supported format ({type(error).__name__})") from error
@@ -107,6 +109,8 @@ def probe(data: bytes) -> dict[str, Any]:
         "sha256": hashlib.sha256(data).hexdigest(),
         "format": EXTENSIONS.get(pillow_format, pillow_format.lower() or None),
         "original_format": pillow_format or None,
+        "original_mode": mode,
+        "exif_orientation": orientation,
         "num_bytes": len(data),
         "original_num_bytes": len(data),
     }

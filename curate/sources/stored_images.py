@@ -1,14 +1,15 @@
 """What the sources of stored images (image_folder, image_shards, hf_dataset) share.
 
 Each reads input rows that already hold image bytes and turns every row into one `pair`
-sample: the bytes as they are, `image_meta` from the image header (format, size, sha256,
-byte count), the captions, scores and provenance the input carries, everything else as
+sample: the bytes as they are, `image_meta` from the image header (format, mode, EXIF
+orientation, size, sha256, byte count), the captions, scores and provenance the input carries, everything else as
 JSON in `meta`. Decoding, fingerprints (pixel_sha256, phash) and resizing are the `decode`
 stage's job, so a source stays cheap.
 
 When the input records how the image was first downloaded (img2dataset and DataComp write
 `original_width`, `original_height` and `sha256` of the downloaded bytes), those values
-are the image's `original_*` / `sha256`; otherwise the stored bytes are the original.
+are the image's `original_*` / `sha256` (the original's mode and EXIF orientation are then
+unknown: null); otherwise the stored bytes are the original.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ CORRUPT_SHARD = "corrupt_shard"  # a sample in a damaged part of a shard (may be
 SCORE_NAMES = ("clip_score", "aesthetic", "nsfw", "watermark")  # what an input may carry, precomputed
 # Fields a downloader records about the image as first downloaded, reused as image_meta.
 CARRIED_META = ("original_width", "original_height", "sha256")
-ORIGINAL_FIELDS = ("original_width", "original_height", "original_format", "original_num_bytes", "sha256")
+ORIGINAL_FIELDS = ("original_width", "original_height", "original_format", "original_mode", "exif_orientation",
+                   "original_num_bytes", "sha256")
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 _TABLE_BYTES = 64 * 1024 * 1024  # a yielded table closes at this many image bytes, whatever its row count
 
