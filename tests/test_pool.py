@@ -163,3 +163,14 @@ def test_selection_reads_no_image_bytes(web, tmp_path):
     assert all(len(row) == 1 and row[0]["bytes"] is None for row in images)
     manifest = json.loads((output / "manifest.json").read_text())
     assert [s["name"] for s in manifest["stages"]] == ["source", "fetch", "basic_filter", "clip_score"]
+
+
+def test_selection_as_ray_tasks_gives_the_same_shards(web, tmp_path, monkeypatch):
+    from curate.engine import run as engine_run
+
+    _, url_list = web
+    in_driver = run(recipe(tmp_path, url_list, tmp_path / "driver"))
+    monkeypatch.setattr(engine_run, "SELECT_IN_DRIVER_UP_TO", 0)  # what a run of many work shards does
+    as_tasks = run(recipe(tmp_path, url_list, tmp_path / "tasks"))
+    assert [s["sha256"] for s in as_tasks["outputs"]["shards"]] == [s["sha256"] for s in in_driver["outputs"]["shards"]]
+    assert as_tasks["drop_log"]["sha256"] == in_driver["drop_log"]["sha256"]

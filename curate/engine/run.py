@@ -40,6 +40,7 @@ from curate.roles.assign import RoleAssignment, RoleAssignmentParams
 from curate.stage import RecipeError, Stage, StageContext, StageFailure, WeightsUnavailable
 
 SELECT_PHASE = "select"
+SELECT_IN_DRIVER_UP_TO = 256  # work shards a selection step runs in this process rather than as Ray tasks
 
 
 class OutputConflict(RecipeError):
@@ -547,24 +548,37 @@ def _select(plan: Plan, segment: SegmentSpec, shards: int, resources: dict[str, 
     for shard in range(shards):
         if shard not in pending:
             on_progress(read_json(layout.marker(segment.name, shard))["rows_in"])
-    task_plan = cluster.plan_workers(resources, recipe.engine.workers, max(1, len(pending)), cpus_per_worker=0.5)
-    remote = ray.remote(select_shard).options(num_cpus=task_plan.cpus_per_worker, max_retries=2)
     everything = _stages_before(plan, None)
     config = storage.current_config()
 
-    def submit(shard: int) -> Any:
-        files = SegmentShard(
+    def files_of(shard: int) -> SegmentShard:
+        return SegmentShard(
             shard, str(layout.shard_file(INPUT_PHASE, shard)), _providers(plan, everything, shard),
             None if segment.input_segment is None else str(layout.shard_file(segment.input_segment, shard)),
             str(layout.shard_file(segment.name, shard)), str(layout.drops_file(segment.name, shard)),
             str(layout.marker(segment.name, shard)))
-        return remote.remote(segment, files, context, config)
 
     def on_result(shard: int, marker: dict[str, Any]) -> None:
         on_progress(marker["rows_in"])
         crash_if_asked(segment.name, shard)
 
-    run_tasks(f"selection {segment.name!r}", pending, submit, 2 * task_plan.workers, on_result)
+    if len(pending) <= SELECT_IN_DRIVER_UP_TO:
+        # A few hundred shards of annotations select in seconds here; a Ray worker would first spend
+        # about as long importing the stages' modules (torch, open_clip) as the whole selection takes.
+        for shard in pending:
+            try:
+                on_result(shard, select_shard(segment, files_of(shard), context, config))
+            except StageFailure:
+                raise
+            except Exception as error:  # as a task's error would: stop the run, naming the shard
+                raise StageFailure(f"selection {segment.name!r}, work shard {shard:05d}: "
+                                   f"{type(error).__name__}: {error}") from error
+    else:
+        task_plan = cluster.plan_workers(resources, recipe.engine.workers, max(1, len(pending)),
+                                         cpus_per_worker=0.5)
+        remote = ray.remote(select_shard).options(num_cpus=task_plan.cpus_per_worker, max_retries=2)
+        run_tasks(f"selection {segment.name!r}", pending, lambda shard: remote.remote(
+            segment, files_of(shard), context, config), 2 * task_plan.workers, on_result)
     return [read_json(layout.marker(segment.name, s)) for s in range(shards)]
 
 
