@@ -93,8 +93,10 @@ class AnnotateWorker:
     def _annotate(self, stage: Stage, batch: pa.Table, alive: pa.Array, stats: StageStats) -> pa.Table:
         """One stage's annotation table for `batch`: its provided columns and hard drops on the alive rows."""
         started = time.perf_counter()
-        positions = [i for i, live in enumerate(alive.to_pylist()) if live]
-        live = batch.take(pa.array(positions, pa.int64()))
+        flags = alive.to_pylist()
+        positions = [i for i, live in enumerate(flags) if live]
+        everyone = len(positions) == batch.num_rows
+        live = batch if everyone else batch.take(pa.array(positions, pa.int64()))  # no copy of the bytes when all live
         result = live
         if live.num_rows:
             if self.on_sample_error == "drop":
@@ -112,12 +114,14 @@ class AnnotateWorker:
                                            if c in result.column_names])
             selected = stage.select(cleared)
             gate = pc.is_null(_column(selected, schema.DROP_REASON))
-        columns = scatter(batch.num_rows, positions, result, [c for c in schema.SAMPLE_SCHEMA.names
-                                                             if c in stage.provides])
-        status = scatter(batch.num_rows, positions, pa.table({REASON: reasons, DETAIL: details, GATE: gate}),
-                         [REASON, DETAIL, GATE]) if positions else {
-            REASON: pa.nulls(batch.num_rows, pa.string()), DETAIL: pa.nulls(batch.num_rows, pa.string()),
-            GATE: pa.nulls(batch.num_rows, pa.bool_())}
+        provided = [c for c in schema.SAMPLE_SCHEMA.names if c in stage.provides]
+        status_table = pa.table({REASON: reasons, DETAIL: details, GATE: gate})
+        if everyone:
+            columns = {c: result.column(c) for c in provided}
+            status = {c: status_table.column(c) for c in (REASON, DETAIL, GATE)}
+        else:
+            columns = scatter(batch.num_rows, positions, result, provided)
+            status = scatter(batch.num_rows, positions, status_table, [REASON, DETAIL, GATE])
         table = pa.table({"key": batch.column("key"), **columns, ANNOTATED: alive, **status})
         stats.rows_in += live.num_rows
         dropped = [r for r in reasons.to_pylist() if r is not None]

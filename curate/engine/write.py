@@ -130,7 +130,11 @@ def _with_pool_images(tables: Iterator[tuple[Segment, pa.Table]], images: PoolIm
             loaded = (shard, {key: i for i, key in enumerate(pool.column("key").to_pylist())},
                       pool.column("images"))
         _, positions, column = loaded
-        taken = column.take(pa.array([positions[key] for key in table.column("key").to_pylist()], pa.int64()))
+        rows = [positions[key] for key in table.column("key").to_pylist()]
+        if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+            taken = column.slice(rows[0], len(rows))  # consecutive rows (nothing dropped between): no copy
+        else:
+            taken = column.take(pa.array(rows, pa.int64()))
         yield table.set_column(table.schema.get_field_index("images"), table.schema.field("images"), taken)
 
 
