@@ -98,8 +98,17 @@ import curate
 where = os.path.realpath(curate.__file__)
 assert where.startswith(os.path.realpath(tree) + os.sep), f"curate imported from {where}, not from {tree}"
 from rich.console import Console
+from curate.engine import cluster
 from curate.engine.run import compile_plan, execute
 from curate.recipe import load_recipe
+connect, ray_start = cluster.connect, []
+def timed_connect(*args, **kwargs):
+    began = time.perf_counter()
+    try:
+        return connect(*args, **kwargs)
+    finally:
+        ray_start.append(time.perf_counter() - began)
+cluster.connect = timed_connect  # both trees start Ray through cluster.connect
 imported = time.perf_counter()
 plan = compile_plan(load_recipe(recipe, sys.argv[4:]))
 compiled = time.perf_counter()
@@ -107,7 +116,7 @@ manifest = execute(plan, Console(stderr=True), overwrite=True, progress=False, j
 done = time.perf_counter()
 with open(result, "w") as handle:
     json.dump({"curate": where, "import_s": imported - started, "compile_s": compiled - imported,
-               "execute_s": done - compiled, "kept": manifest["outputs"]["rows"],
+               "execute_s": done - compiled, "ray_start_s": sum(ray_start), "kept": manifest["outputs"]["rows"],
                "input_rows": manifest["reconciliation"]["input_rows"],
                "drops_by_reason": manifest["drop_log"]["by_reason"],
                "phase_seconds": {p["name"]: p["seconds"] for p in manifest.get("phases", [])}}, handle)
@@ -431,6 +440,7 @@ def run_once(name: str, tree: Path, recipe: str, overrides: list[str], out: Path
                final_bytes=sum(final.values()), polls=watcher.samples, longest_poll_s=round(watcher.longest_poll, 3),
                execute_s=round(run["execute_s"], 2))
     run["peak_minus_shards"] = run["peak_bytes"] - shards
+    run["after_ray_start_s"] = round(run["execute_s"] - run.get("ray_start_s", 0.0), 2)
     if not keep_output:
         shutil.rmtree(out, ignore_errors=True)
     print(json.dumps({k: run[k] for k in ("execute_s", "process_s", "kept", "peak_bytes", "peak_bound_bytes",
@@ -563,7 +573,8 @@ def mb(value: float) -> str:
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
     """Medians of one configuration's runs."""
-    keys = ("execute_s", "process_s", "kept", "peak_bytes", "peak_bound_bytes", "shard_bytes", "pool_bytes",
+    keys = ("execute_s", "ray_start_s", "after_ray_start_s", "process_s", "kept", "peak_bytes", "peak_bound_bytes",
+            "shard_bytes", "pool_bytes",
             "work_bytes_end", "final_bytes", "peak_minus_shards", "cpu_s", "other_cpu_s")
     summary = {key: median([r[key] for r in runs]) for key in keys}
     summary["bound_minus_shards"] = median([r["peak_bound_bytes"] - r["shard_bytes"] for r in runs])
@@ -588,6 +599,9 @@ def common_rows(old: dict[str, float], new: dict[str, float]) -> list[str]:
     return [
         f"| wall time of `execute` (Ray start included), s | {old['execute_s']:.1f} | {new['execute_s']:.1f} | "
         f"**{quotient(new['execute_s'], old['execute_s'])}** |",
+        f"| of which Ray's start (`ray.init`), s | {old['ray_start_s']:.1f} | {new['ray_start_s']:.1f} | |",
+        f"| wall time of `execute` after Ray's start, s | {old['after_ray_start_s']:.1f} | "
+        f"{new['after_ray_start_s']:.1f} | **{quotient(new['after_ray_start_s'], old['after_ray_start_s'])}** |",
         f"| wall time of the process, s | {old['process_s']:.1f} | {new['process_s']:.1f} | "
         f"{quotient(new['process_s'], old['process_s'])} |",
         f"| CPU time of the run's process tree, s | {old['cpu_s']:.1f} | {new['cpu_s']:.1f} | "
@@ -630,13 +644,14 @@ def download_table(old: dict[str, float], new: dict[str, float], repeats: int) -
 
 def runs_table(result: dict[str, Any]) -> str:
     """One line per run, in the order they ran."""
-    lines = ["| run | execute s | process s | CPU s | kept | peak MB | bound MB | shards MB | pool MB | other CPU s | "
-             "other cores at start (waited s) | load before |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| run | execute s | Ray start s | process s | CPU s | kept | peak MB | bound MB | shards MB | pool MB | "
+             "other CPU s | other cores at start (waited s) | load before |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     runs = sorted((r for recipe in result["runs"].values() for group in recipe.values() for r in group),
                   key=lambda r: r["started_at"])
     for r in runs:
-        lines.append(f"| {r['name']} | {r['execute_s']:.1f} | {r['process_s']:.1f} | {r['cpu_s']:.1f} | "
+        lines.append(f"| {r['name']} | {r['execute_s']:.1f} | {r.get('ray_start_s', 0.0):.1f} | "
+                     f"{r['process_s']:.1f} | {r['cpu_s']:.1f} | "
                      f"{r['kept']:,} | {mb(r['peak_bytes'])} | {mb(r['peak_bound_bytes'])} | {mb(r['shard_bytes'])} | "
                      f"{mb(r['pool_bytes'])} | {r['other_cpu_s']:.1f} | {r['other_cores_at_start']} "
                      f"({r['waited_for_quiet_s']}) | {r['load_before']} |")
