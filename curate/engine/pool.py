@@ -135,11 +135,13 @@ def table_alive(table: pa.Table) -> pa.Array:
 def overlay(base: pa.Table, table: pa.Table, provides: tuple[str, ...], with_images: bool = True) -> pa.Table:
     """`base` with each provided column taken from `table` where `table` annotated the row."""
     annotated = pc.fill_null(table.column(ANNOTATED), False)
+    everyone = pc.all(annotated).as_py() is not False
     for name in provides:
         if name == "images" and not with_images:
             continue
         index = base.schema.get_field_index(name)
-        merged = pc.if_else(annotated, table.column(name), base.column(name))
+        # every row annotated: the table's column as it is, without copying (image bytes above all)
+        merged = table.column(name) if everyone else pc.if_else(annotated, table.column(name), base.column(name))
         base = base.set_column(index, base.schema.field(index), merged)
     return base
 
