@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from PIL import Image
+from test_safety import table_of as batch_of  # pair samples with one image each and an `alt` caption
 
 from curate import schema
 from curate.models.clip import TINY_CLIP, ClipSpec
@@ -38,20 +39,6 @@ TINY = {"model": "curate-tiny"}
 TINY_HEAD = {"head": "tiny"}
 ADDRESS = re.compile(r"0x[0-9a-f]+")
 SPLIT_STAGES = (ClipScoreStage, AestheticStage, WatermarkStage, NsfwStage, FacesStage, EditDirection)
-
-
-def batch_of(images: list[bytes | None], captions: list[str], fmt: str = "jpg") -> pa.Table:
-    """Pair samples with one image each (bytes as given) and an `alt` caption."""
-    rows = []
-    for index, (data, caption) in enumerate(zip(images, captions)):
-        url = f"https://images.example.org/{index}.{fmt}"
-        rows.append({"key": schema.sample_key("test", index, url), "kind": "pair",
-                     "images": [{"bytes": data, "path": None}],
-                     "image_meta": [{"url": url, "format": fmt, "num_bytes": len(data) if data else None}],
-                     "segments": [{"image": 0, "text": None}, {"image": None, "text": caption}],
-                     "captions": [{"name": "alt", "text": caption}],
-                     "source": {"dataset": "test", "id": str(index), "url": url, "license": None}})
-    return schema.from_rows(rows)
 
 
 def captioned_photos() -> pa.Table:

@@ -77,7 +77,6 @@ class AnnotateWorker:
                     alive = pc.and_(alive, table_alive(table))
         except Exception as error:  # a stage-level failure: stop the run, naming the shard
             raise StageFailure(f"phase {group!r}, work shard {shard:05d}: {type(error).__name__}: {error}") from error
-        models = [info for stage in self.stages for info in stage.model_info()]
         for stage, target in zip(self.stages, targets):
             table_schema = annotation_schema(tuple(stage.provides))
             tables = [t.cast(table_schema) for t in parts[stage.name]]
@@ -86,9 +85,9 @@ class AnnotateWorker:
             write_json(storage.location(target.marker), {
                 "stage": stage.name, "shard": shard, "fingerprint": target.fingerprint, "rows": rows,
                 "stats": stats[stage.name].to_json(),
-                "models": [info for info in stage.model_info()]})
+                "models": stage.model_info()})
         return {"phase": group, "shard": shard, "rows_in": rows, "seconds": round(time.perf_counter() - started, 3),
-                "stages": {name: entry.to_json() for name, entry in stats.items()}, "models": models}
+                "stages": {name: entry.to_json() for name, entry in stats.items()}}
 
     def _annotate(self, stage: Stage, batch: pa.Table, alive: pa.Array, stats: StageStats) -> pa.Table:
         """One stage's annotation table for `batch`: its provided columns and hard drops on the alive rows."""

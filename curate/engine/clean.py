@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from curate import storage
+from curate.engine.disk import tree_bytes
 from curate.engine.lock import OutputLock
 from curate.files import RunLayout
 from curate.stage import RecipeError
@@ -22,11 +23,7 @@ class Removed:
 
 def folder_bytes(folder: storage.Location) -> int | None:
     """Bytes of every file under a local `folder` (0 when it does not exist; None on an object store)."""
-    if not isinstance(folder, Path):
-        return None
-    if not folder.exists():
-        return 0
-    return sum(entry.stat().st_size for entry in folder.rglob("*") if entry.is_file())
+    return tree_bytes(folder) if isinstance(folder, Path) else None
 
 
 def clean_output(root: storage.Location | str, *, pool: bool, work: bool, break_lock: bool = False,

@@ -109,7 +109,7 @@ def check_free_disk(plan: "Plan", warn: Callable[[str], Any] | None = None,
         return None
     existing = _existing_folder(Path(root))
     usage = (disk_usage or shutil.disk_usage)(str(existing))
-    already = _tree_bytes(Path(root)) if Path(root).is_dir() else 0
+    already = tree_bytes(Path(root)) if Path(root).is_dir() else 0
     needed = max(0, estimate.total_bytes - already)
     if needed > usage.free * REFUSE_ABOVE:
         raise InsufficientDisk(
@@ -183,7 +183,7 @@ def _stored_bytes(path: Any) -> int | None:
     if os.path.isfile(path):
         return os.path.getsize(path)
     if os.path.isdir(path):
-        return _tree_bytes(Path(path))
+        return tree_bytes(Path(path))
     if glob.has_magic(path):
         return sum(os.path.getsize(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
     return None
@@ -195,7 +195,7 @@ def _files(root: str):
             yield os.path.join(folder, name)
 
 
-def _tree_bytes(root: Path) -> int:
+def tree_bytes(root: Path) -> int:
     """Bytes of the regular files under `root` (links not followed)."""
     total = 0
     for file in _files(str(root)):
