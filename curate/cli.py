@@ -139,8 +139,9 @@ def inspect(
     path: Path = typer.Argument(..., help="An output folder or its manifest.json."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report here."),
 ) -> None:
-    """Summarise a manifest: funnel, drops by reason, shards, quantiles; --html writes a full report."""
-    from curate.manifest.inspect import render
+    """Summarise a manifest: funnel, drops by reason, shards, quantiles, and each annotation's distribution kept
+    and dropped (from the pool); --html writes a full report."""
+    from curate.manifest.inspect import render, render_annotations
     from curate.manifest.verify import resolve_manifest
 
     manifest_path = resolve_manifest(path)
@@ -156,10 +157,15 @@ def inspect(
     except ManifestInvalid as error:
         _fail(f"{manifest_path}: {error}")
     render(manifest, console)
+    from curate.report.distributions import read_annotation_distributions
+
+    annotations = read_annotation_distributions(manifest_path.parent, manifest)
+    render_annotations(annotations, console)
     if html is not None:
         from curate.report.html import write_report
 
-        console.print(f"\n[bold]report:[/] {write_report(manifest_path.parent, html).resolve()}", highlight=False)
+        report = write_report(manifest_path.parent, html, annotations=annotations)
+        console.print(f"\n[bold]report:[/] {report.resolve()}", highlight=False)
 
 
 @app.command()

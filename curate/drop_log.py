@@ -24,7 +24,7 @@ reader goes through `sample_mask` / `iter_drops` / `conform_drops`, which treat 
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -198,19 +198,22 @@ def count_rows(file: Any) -> tuple[int, int]:
 # --------------------------------------------------------------------------- writing
 
 
-def write_drop_log(layout: RunLayout, phases: list[str], shards: int) -> int:
+def write_drop_log(layout: RunLayout, phases: list[str], shards: int,
+                   drops_file: Callable[[str, int], Any] | None = None) -> int:
     """Write OUT/drops.parquet; return its sample rows (the rows `reconciliation.dropped_rows` counts).
 
     Per work shard: its drops of every phase in order (`phases`: `input`, then the run's phases), then
     one image row per image removed from the shard's kept documents (read from the last phase's shard).
+    `drops_file(phase, shard)` finds a step's drops (default: in `layout`).
     """
+    drops_file = drops_file or layout.drops_file
     rows = 0
     with atomic_path(layout.drops) as temporary:
         with pq.ParquetWriter(temporary, schema.DROP_SCHEMA, compression="zstd") as writer:
             written = 0
             for shard in range(shards):
                 for phase in phases:
-                    table = conform_drops(storage.read_table(layout.drops_file(phase, shard)))
+                    table = conform_drops(storage.read_table(drops_file(phase, shard)))
                     table = redact_drop_table(table)  # no URL password, token or credential in the drop log
                     if table.num_rows:
                         writer.write_table(table)

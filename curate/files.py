@@ -86,9 +86,8 @@ class RunLayout:
         return self.phase_dir(phase) / f"{shard:05d}.parquet"
 
     def drops_file(self, phase: str, shard: int) -> Location:
-        """A step's drop log of one work shard (the split's stays in the work area: it outlives a deleted pool)."""
-        folder = self.work / phase if phase in self.POOL_PHASES else self.phase_dir(phase)
-        return folder / f"{shard:05d}.drops.parquet"
+        """A step's drop log of one work shard (the split's is in the pool: a re-selection writes it again)."""
+        return self.phase_dir(phase) / f"{shard:05d}.drops.parquet"
 
     def marker(self, phase: str, shard: int) -> Location:
         return self.phase_dir(phase) / f"{shard:05d}.done.json"

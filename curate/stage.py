@@ -41,6 +41,7 @@ from typing import ClassVar, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from curate.metrics import Metric, Threshold
 from curate.schema import DROP_DETAIL, DROP_REASON
 
 
@@ -120,6 +121,13 @@ class Stage:
     reads_images: ClassVar[bool] = False  # needs images[].bytes
     annotation_params: ClassVar[frozenset[str]] = frozenset()
     selection_params: ClassVar[frozenset[str]] = frozenset()
+    # annotation params that only set the pace (threads, batch sizes): outside the fingerprint, never recompute
+    speed_params: ClassVar[frozenset[str]] = frozenset()
+    # annotation params that decide which rows the stage admits (address guard, timeouts, ...): outside the
+    # fingerprint; readmits() says which earlier drops a change may cure
+    admission_params: ClassVar[frozenset[str]] = frozenset()
+    # params that define the pool's images (resize, encode): an output cannot change them in place
+    pool_params: ClassVar[frozenset[str]] = frozenset()
     write_transform: ClassVar[bool] = False  # transform(batch) is applied to the kept rows at the write
 
     def __init__(self, params: Params, context: StageContext | None = None):
@@ -169,16 +177,29 @@ class Stage:
         return batch
 
     def fingerprint(self) -> dict:
-        """What the stage's annotations depend on: stage, version, annotation params, weights and precision."""
+        """What the stage's annotations depend on: stage, version, annotation params (but the speed and
+        admission ones), weights and precision."""
         params = self.params.model_dump(mode="json")
         models = self.model_info()
+        counted = self.annotation_params - self.speed_params - self.admission_params
         return {
             "stage": self.name,
             "version": self.version,
-            "params": {name: params[name] for name in sorted(self.annotation_params) if name in params},
+            "params": {name: params[name] for name in sorted(counted) if name in params},
             "weights": sorted(str(m.get("sha256") or m.get("weights") or m.get("name")) for m in models),
             "precision": sorted({str(m.get("precision") or self.context.device) for m in models}),
         }
+
+    def admission(self) -> dict:
+        """The values of the admission params, as recorded with the annotations."""
+        params = self.params.model_dump(mode="json")
+        return {name: params[name] for name in sorted(self.admission_params) if name in params}
+
+    def readmits(self, before: dict) -> frozenset[str] | None:
+        """The drop reasons of rows this stage may now admit, given the admission params its annotations were
+        made with (`before`): the engine computes those rows again and keeps the rest. Empty: nothing changed.
+        None: the change is not one that only admits more: every row is computed again."""
+        return frozenset() if before == self.admission() else None
 
     def teardown(self) -> None:
         """Release what `setup` acquired."""
@@ -195,6 +216,14 @@ class Stage:
     def take_counters(self) -> dict[str, int]:
         """The counts since the last call, then reset (the engine calls it after each batch)."""
         return self.__dict__.pop("_counters", {})
+
+    def metrics(self) -> list[Metric]:
+        """The numeric annotations this stage writes and where its annotation table holds them (curate/metrics.py)."""
+        return []
+
+    def thresholds(self) -> list[Threshold]:
+        """The limits the current selection params put on this stage's metrics."""
+        return []
 
 
 def with_drops(batch: pa.Table, reasons: list[str | None], details: list[str | None] | None = None) -> pa.Table:

@@ -392,12 +392,17 @@ def test_a_changed_input_file_is_refused_until_overwrite_starts_over(demo_web, t
     assert sum(route.hits for route in server.routes.values()) - hits_before >= 15
 
 
-def test_another_recipe_into_the_same_output_is_refused(uninterrupted, demo_web):
+def test_a_recipe_with_another_source_into_the_same_output_is_refused(uninterrupted, demo_web, tmp_path):
     _, url_list = demo_web
     folder, _, _ = uninterrupted
+    other_list = tmp_path / "other-urls.parquet"
+    other_list.write_bytes(url_list.read_bytes())
+    manifest = (folder / "a" / "manifest.json").read_text()
     with pytest.raises(OutputConflict) as caught:
-        run(url_list, folder / "a", *DETERMINISM, "stages.basic_filter.min_side=64")
-    assert caught.value.path == "output.path" and "--overwrite" in caught.value.message
+        run(other_list, folder / "a", *DETERMINISM)
+    assert caught.value.path == "source" and "--overwrite" in caught.value.message
+    assert f"source.path: \"{url_list}\" -> \"{other_list}\"" in caught.value.message
+    assert (folder / "a" / "manifest.json").read_text() == manifest
 
 
 def test_verify_passes_then_catches_a_changed_shard(uninterrupted, tmp_path):

@@ -144,10 +144,22 @@ def test_fingerprint_follows_the_annotation_params_only(name, recipe_dir):
         in_annotation, in_selection = field in stage.annotation_params, field in stage.selection_params
         assert in_annotation or in_selection, f"{name}: param {field} is neither an annotation nor a selection param"
         changed = changed_fingerprint(name, field, recipe_dir)
-        if in_annotation:
+        outside = stage.speed_params | stage.admission_params
+        if in_annotation and field not in outside:
             assert changed != base, f"{name}: changing annotation param {field} leaves the fingerprint as it is"
         else:
-            assert changed == base, f"{name}: changing selection param {field} changes the fingerprint"
+            assert changed == base, f"{name}: changing {field} (selection, speed or admission) changes the fingerprint"
+
+
+@pytest.mark.parametrize("name", sorted(registry.STAGES))
+def test_speed_admission_and_pool_params_are_annotation_params(name, recipe_dir):
+    stage = build(name, recipe_dir)
+    for kind in ("speed_params", "admission_params", "pool_params"):
+        declared = getattr(stage, kind)
+        assert declared <= stage.annotation_params, f"{name}: {kind} {sorted(declared - stage.annotation_params)}"
+    assert not stage.speed_params & stage.admission_params
+    assert not (stage.speed_params | stage.admission_params) & stage.pool_params
+    assert stage.readmits(stage.admission()) == frozenset()  # the same settings admit nothing new
 
 
 def test_a_blocklist_edited_in_place_changes_the_fingerprint(tmp_path):

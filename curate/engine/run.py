@@ -16,17 +16,28 @@ from rich.console import Console
 from curate import registry, storage
 from curate.drop_log import write_drop_log
 from curate.engine import cluster
-from curate.engine.annotate import AnnotateWorker, AnnotationTarget
+from curate.engine.annotate import AnnotateWorker
 from curate.engine.apply import StageStats
 from curate.engine.clean import folder_bytes
 from curate.engine.crash import crash_if_asked
 from curate.engine.decision import decide, decision_paths
 from curate.engine.disk import check_free_disk
-from curate.engine.lock import OutputLock, is_lock_file, remove_all_but_lock
+from curate.engine.lock import OutputLock, check_unlocked, is_lock_file, remove_all_but_lock
 from curate.engine.outcome import KeptTooLittle, low_yield
 from curate.engine.phases import run_actor_pool, run_tasks
 from curate.engine.pool import REASON, Provider, forget_in_pool
 from curate.engine.progress import phase_progress
+from curate.engine.reselect import (
+    PoolMismatch,
+    check_pool,
+    has_split,
+    pool_record,
+    read_record,
+    record_file,
+    start_reselection,
+    sweep_replaced,
+)
+from curate.engine.reuse import PoolPlaces, ReuseRecord, ShardPlan, plan_shard
 from curate.engine.select import SegmentShard, SegmentSpec, select_shard
 from curate.engine.split import INPUT_PHASE, SOURCE_STAGE, split_source
 from curate.engine.trial import TrialSource
@@ -70,6 +81,13 @@ class Plan:
     warnings: list[str]
     storage_config: storage.StorageConfig = field(default_factory=storage.StorageConfig)  # endpoint, region
     fingerprints: dict[str, str] = field(default_factory=dict)  # stage -> fingerprint of its annotations
+    places: PoolPlaces | None = None  # the pools the run reads: its own, and another output's with --pool
+    record: dict[str, Any] = field(default_factory=dict)  # what the pool's rows and images are (reselect.py)
+    redo: dict[str, frozenset[str]] = field(default_factory=dict)  # stage -> drop reasons to compute again
+
+    def __post_init__(self) -> None:
+        if self.places is None:
+            self.places = PoolPlaces(self.layout)
 
     @property
     def phases(self) -> list[Any]:
@@ -94,12 +112,15 @@ class Plan:
         }
 
 
-def compile_plan(loaded: LoadedRecipe, require_weights: bool = True, peek_rows: int = 0) -> Plan:
+def compile_plan(loaded: LoadedRecipe, require_weights: bool = True, peek_rows: int = 0,
+                 pool: str | None = None) -> Plan:
     """Instantiate the recipe's source, stages and sinks and run every preflight check.
 
     Missing model weights are an error, unless `require_weights` is off (a dry run),
     where they become warnings of the plan. With `peek_rows`, the first rows of the
-    input are read and every stage's `check_input` warnings join the plan's.
+    input are read and every stage's `check_input` warnings join the plan's. With `pool`
+    (another output folder), the run reads that output's pool and annotations, never
+    writing there, and stores only what it adds in its own.
     """
     recipe = loaded.recipe
     storage_config = storage_settings(loaded)
@@ -133,13 +154,38 @@ def compile_plan(loaded: LoadedRecipe, require_weights: bool = True, peek_rows: 
     gates = _gates(loaded, stages)
     groups = _annotation_groups(loaded, stages, gates)
     segments = _segments(layout, stages)
-    fingerprints = _fingerprints(stages, gates)  # the role step, last in the selection, annotates nothing
+    fingerprints = _fingerprints(stages)  # the role step, last in the selection, annotates nothing
+    record = pool_record(loaded, source, stages)
+    recorded = read_record(layout)
+    if pool is None and recorded is not None and recorded.get("pool") and not has_split(layout):
+        pool = recorded["pool"]  # an output made with --pool keeps reading that pool
+    places = PoolPlaces(layout, _other_pool(loaded, pool, record) if pool else None)
     if loaded.roles:
         _append_role_step(loaded, context, stages, segments)
     sinks = [SinkSpec(name, registry.SINKS[name], params.model_dump(mode="json"))
              for name, params in loaded.sink_params.items()]
     return Plan(loaded, source, groups, segments, stages, sinks, layout, warnings, storage_config=storage_config,
-                fingerprints=fingerprints)
+                fingerprints=fingerprints, places=places, record=record)
+
+
+def _other_pool(loaded: LoadedRecipe, pool: str, record: dict[str, Any]) -> RunLayout:
+    """The layout of the output whose pool `--pool` names, checked to hold this recipe's rows and images."""
+    other = RunLayout(pool)
+    if isinstance(other.root, Path):
+        other = RunLayout(other.root.resolve())
+    if str(other.root) == str(loaded.output_path()):
+        raise RecipeError("--pool names this recipe's own output folder; it reads its own pool anyway",
+                          path="--pool", file=str(other.root))
+    found = read_record(other)
+    if found is None or not has_split(other):
+        raise RecipeError(f"{other.root} holds no pool to read (no {other.pool}/pool.json and input split): "
+                          "name an output made with engine.keep_pool: true", path="--pool", file=str(other.root))
+    advice = "run without --pool, or name an output made from the same source and image settings"
+    check_pool(found, record, str(other.root), advice)
+    if found.get("trial") != record.get("trial"):
+        raise PoolMismatch(f"the pool of {other.root} was made for other rows of the source (its trial: "
+                           f"{found.get('trial')}, this recipe's: {record.get('trial')}); {advice}", path="trial")
+    return other
 
 
 def _spec(stage: Stage) -> StageSpec:
@@ -193,16 +239,21 @@ def _segments(layout: RunLayout, stages: list[Stage]) -> list[SegmentSpec]:
     return segments
 
 
-def _fingerprints(stages: list[Stage], gates: list[str]) -> dict[str, str]:
-    """Each per-sample stage's annotation fingerprint: its own (Stage.fingerprint) chained with those of every
-    stage before it, whose annotations it sees, and with the gates that decide which rows it gets."""
-    chain: list[Any] = []
-    found = {}
+def _fingerprints(stages: list[Stage]) -> dict[str, str]:
+    """Each per-sample stage's annotation fingerprint: its own (Stage.fingerprint) chained with those of the stages
+    before it that provide a column it reads, so a changed stage recomputes itself and what reads it, no more.
+    (Which rows a stage sees is not part of it: the engine annotates the rows it lacks, curate/engine/reuse.py.)"""
+    found: dict[str, str] = {}
+    provider: dict[str, str] = {}  # column -> the latest stage providing it
     for stage in stages:
         if stage.scope != "sample":
             continue
-        chain.append({**stage.fingerprint(), "gate": stage.name in gates})
-        found[stage.name] = hashlib.sha256(json.dumps(chain, sort_keys=True, default=str).encode()).hexdigest()
+        read = set(stage.reads) | ({"images"} if stage.reads_images else set())
+        after = {name: found[name] for name in sorted({provider[c] for c in read if c in provider})}
+        entry = {**stage.fingerprint(), "after": after}
+        found[stage.name] = hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode()).hexdigest()
+        for column in stage.provides:
+            provider[column] = stage.name
     return found
 
 
@@ -259,12 +310,14 @@ def _append_role_step(loaded: LoadedRecipe, context: StageContext, stages: list[
 
 
 def check_output_folder(plan: Plan, overwrite: bool) -> str:
-    """Decide what to do with the output folder: 'fresh', 'resume' or 'complete'.
+    """Decide what to do with the output folder: 'fresh', 'resume', 'complete' or 'reselect'.
 
     With `overwrite`, whatever the folder holds is deleted and the run starts over. Without it,
-    an output of the same recipe and the same input is resumed (or reported complete), and
-    OutputConflict is raised when the folder holds something else: another recipe's work, work
-    made from an input file that has changed since, or files that are not a curate output.
+    an output of the same recipe and the same input is resumed (or reported complete); an output
+    of another recipe whose pool holds this recipe's rows and images is re-selected from its pool
+    ('reselect': see curate/engine/reselect.py). OutputConflict is raised when the folder holds
+    something else: work of a recipe with another source or image settings, work made from an input
+    file that has changed since, or files that are not a curate output.
     """
     layout, sha = plan.layout, plan.loaded.sha256()
     if isinstance(layout.root, Path) and layout.root.exists() and not layout.root.is_dir():
@@ -275,25 +328,37 @@ def check_output_folder(plan: Plan, overwrite: bool) -> str:
             _refuse_to_delete_a_precious_folder(plan)
             remove_all_but_lock(layout.root)  # the lock this run holds stays
         return "fresh"
-    if layout.manifest.exists():
-        previous, previous_input = _recorded(layout.manifest, ("recipe", "sha256"), ("sources", 0, "input_file"))
-    elif layout.run_info.exists():
+    record = read_record(layout)
+    if layout.run_info.exists():  # an unfinished run (or one that kept its work area): its recipe decides
         previous, previous_input = _recorded(layout.run_info, ("recipe_sha256",), ("input_file",))
+    elif layout.manifest.exists():
+        previous, previous_input = _recorded(layout.manifest, ("recipe", "sha256"), ("sources", 0, "input_file"))
+    elif record is not None:
+        previous, previous_input = "(no recipe)", record.get("input_file")
     elif layout.root.exists() and any(not is_lock_file(entry.name) for entry in layout.root.iterdir()):
         raise OutputConflict("the output folder exists and is not a curate output; choose another "
                              "output.path or pass --overwrite", path="output.path", file=str(layout.root))
     else:
         return "fresh"
-    if previous != sha:
+    if previous != sha and record is None:
         raise OutputConflict(f"the output folder holds the output of a different recipe (sha256 "
-                             f"{str(previous)[:12]}, this one {sha[:12]}); choose another output.path or pass "
-                             "--overwrite to start over", path="output.path", file=str(layout.root))
+                             f"{str(previous)[:12]}, this one {sha[:12]}) and no pool to re-select from; choose "
+                             "another output.path or pass --overwrite to start over", path="output.path",
+                             file=str(layout.root))
+    if previous != sha:
+        try:
+            check_pool(record, plan.record, str(layout.root),
+                       "pass --overwrite to start over, or choose another output.path")
+        except PoolMismatch as error:
+            raise OutputConflict(error.message, path=error.path, file=str(layout.root)) from None
     current_input = plan.source.input_file_state()
     if previous_input is not None and current_input is not None and previous_input != current_input:
         raise OutputConflict(f"the input file changed since this output was made (then {_file_state(previous_input)},"
                              f" now {_file_state(current_input)}); pass --overwrite to start over, or choose another "
                              "output.path", path="source.path", file=str(getattr(plan.source, "path", "")))
-    return "complete" if layout.manifest.exists() else "resume"
+    if previous == sha:
+        return "complete" if layout.manifest.exists() else "resume"
+    return "reselect"
 
 
 def _file_state(state: dict[str, Any]) -> str:
@@ -361,10 +426,16 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
     """execute(), with the output folder's lock held."""
     state = check_output_folder(plan, overwrite)
     layout, recipe = plan.layout, plan.loaded.recipe
-    if state == "complete":
+    if state == "complete" and not plan.redo:
         console.print(f"[green]already complete:[/] {layout.root} (same recipe; nothing to do)")
         return read_json(layout.manifest)
-    if recipe.engine.check_disk:  # before any work: refuse a run that clearly cannot fit on the output's disk
+    if plan.places.other is not None:
+        check_unlocked(plan.places.other.root, refuse=lambda message: OutputConflict(
+            f"--pool: {message}", path="--pool", file=str(plan.places.other.root)))
+    if state in ("reselect", "complete"):  # complete: a retry re-selects the same recipe with rows added
+        start_reselection(layout)
+        console.print(f"[yellow]re-selecting[/] {layout.root} from its pool (annotations reused where they stand)")
+    if recipe.engine.check_disk and state not in ("reselect", "complete"):  # refuse what clearly cannot fit
         check_free_disk(plan, warn=lambda text: console.print(f"[bold yellow]warning:[/] {text}", highlight=False))
     started_at, started = time.time(), time.perf_counter()
     layout.work.mkdir(parents=True, exist_ok=True)
@@ -383,7 +454,12 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
 
     with phase_progress(console, enabled=progress) as bars:
         phase_started = time.perf_counter()
-        split = split_source(plan.source, layout, recipe.engine.rows_per_work_shard)
+        if plan.places.split is layout:
+            split = split_source(plan.source, layout, recipe.engine.rows_per_work_shard, scope=plan.record["trial"])
+            write_json(record_file(layout), plan.record)
+        else:  # --pool: the other output's split, as it is
+            split = read_json(plan.places.split.phase_dir(INPUT_PHASE) / "_SUCCESS.json")
+            write_json(record_file(layout), {**plan.record, "pool": str(plan.places.other.root)})
         timings[INPUT_PHASE] = time.perf_counter() - phase_started
         shards, source_stats = split["shards"], split["stats"]
         annotation_markers: dict[str, list[dict[str, Any]]] = {}
@@ -416,23 +492,30 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
                                 write_plan.cpus_per_worker, max_in_flight=2 * write_plan.workers,
                                 on_progress=lambda rows: bars.advance(task, rows),
                                 keep_embeddings=recipe.output.embeddings,
-                                images=PoolImages(str(layout.root), _image_stage(plan)),
+                                images=_pool_images(plan, shards),
                                 transforms=[_spec(s) for s in plan.stages if s.write_transform],
                                 release=None if recipe.engine.keep_pool else _release_pool(plan, layout),
                                 context=context)
         timings["write"] = time.perf_counter() - phase_started
 
-    dropped = write_drop_log(layout, [INPUT_PHASE] + [seg.name for seg in plan.segments], shards)
+    split_layout = plan.places.split
+    dropped = write_drop_log(layout, [INPUT_PHASE] + [seg.name for seg in plan.segments], shards,
+                             lambda phase, shard: (split_layout if phase == INPUT_PHASE else layout).drops_file(
+                                 phase, shard))
     crash_if_asked("drops", 0)
     finish_outputs(plan.sinks, layout.root, [file for marker in outputs for file in marker["files"]], layout.drops,
                    started_at, time.perf_counter() - started)
+    removed = sweep_replaced(layout)  # a re-selection: the previous output's files this one did not write
+    if removed:
+        console.print(f"removed {len(removed)} files of the previous output that this one does not have",
+                      highlight=False)
     stage_stats = _collect_stage_stats(source_stats, plan, annotation_markers, select_markers, outputs)
     manifest = build_manifest(
         plan=plan, layout=layout, device=device, resources=resources, stage_stats=stage_stats,
         phase_seconds=timings, outputs=outputs, final_files=final_files, dropped_rows=dropped, decisions=decisions,
         models=_models(plan, annotation_markers),
         started_at=started_at, seconds=time.perf_counter() - started)
-    manifest["pool"] = _pool_entry(plan)
+    manifest["pool"] = _pool_entry(plan, annotation_markers)
     if not manifest["reconciliation"]["ok"]:
         # Never publish a manifest that does not add up; keep the work area to look into it.
         write_json(layout.work / "manifest.unreconciled.json", manifest)
@@ -448,25 +531,26 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
 
 def _annotate(plan: Plan, group: AnnotationGroup, shards: int, resources: dict[str, float], device: dict[str, Any],
               context: StageContext, on_progress: Any) -> list[dict[str, Any]]:
-    """Annotate every work shard whose tables of this group are missing or were made under another fingerprint."""
-    layout, recipe = plan.layout, plan.loaded.recipe
-    objects = [s for s in plan.stages if s.name in {spec.name for spec in group.stages}]
+    """Annotate, on each work shard, what the pool lacks for this group's stages (curate/engine/reuse.py): every
+    row when no table was made under the stage's fingerprint, else only the rows the tables lack."""
+    layout, recipe, places = plan.layout, plan.loaded.recipe, plan.places
+    objects = [next(s for s in plan.stages if s.name == spec.name) for spec in group.stages]
     before = _stages_before(plan, group.stages[0].name)
-
-    def marker_file(stage: str, shard: int) -> Any:
-        return layout.marker(layout.annotation_phase(stage), shard)
-
-    def done(shard: int) -> bool:
-        for spec in group.stages:
-            marker = marker_file(spec.name, shard)
-            if not marker.exists() or read_json(marker).get("fingerprint") != plan.fingerprints[spec.name]:
-                return False
-        return True
-
-    pending = [shard for shard in range(shards) if not done(shard)]
+    upstream = before[-1].name if before else None
+    plans: dict[int, ShardPlan] = {}
+    for shard in range(shards):
+        expected = None
+        if upstream is not None:
+            _, marker = places.table(upstream, shard, plan.fingerprints[upstream])
+            expected = (marker or {}).get("alive_out", "(unknown)")
+        plans[shard] = plan_shard(places, objects, plan.fingerprints, group.gates, shard, expected, plan.redo)
+    pending = [shard for shard in range(shards) if plans[shard].pending]
+    set_up: dict[str, int] = {}
+    tables: dict[int, dict[str, Any]] = {}
     for shard in range(shards):
         if shard not in pending:
-            on_progress(read_json(marker_file(group.stages[0].name, shard))["rows"])
+            _, marker = places.table(objects[0].name, shard, plan.fingerprints[objects[0].name])
+            on_progress(marker["rows"])
     worker_plan = cluster.plan_workers(
         resources, recipe.engine.workers, max(1, len(pending)),
         cpus_per_worker=max(s.resources.cpus for s in objects),
@@ -478,27 +562,38 @@ def _annotate(plan: Plan, group: AnnotationGroup, shards: int, resources: dict[s
     config = storage.current_config()
 
     def submit(actor: Any, shard: int) -> Any:
-        targets = [AnnotationTarget(spec.name, str(layout.shard_file(layout.annotation_phase(spec.name), shard)),
-                                    str(marker_file(spec.name, shard)), plan.fingerprints[spec.name])
-                   for spec in group.stages]
-        return actor.run.remote(group.name, shard, str(layout.shard_file(INPUT_PHASE, shard)),
-                                _providers(plan, before, shard), targets)
+        return actor.run.remote(group.name, shard, places.input_file(shard), _providers(plan, before, shard),
+                                plans[shard].targets)
 
     def on_marker(marker: dict[str, Any]) -> None:
         on_progress(marker["rows_in"])
+        for name in marker.get("set_up", []):
+            set_up[name] = set_up.get(name, 0) + 1
+        tables[marker["shard"]] = marker.get("tables", {})
+        for spec in group.stages:
+            places.forget(spec.name, marker["shard"])
         crash_if_asked(group.name, marker["shard"])
 
     run_actor_pool(group.name, pending,
                    lambda: remote.remote(group.stages, group.gates, context, recipe.engine.batch_rows, config),
                    worker_plan.workers, submit, on_marker)
-    return [{"shard": shard, "stages": {spec.name: read_json(marker_file(spec.name, shard)) for spec in group.stages}}
-            for shard in range(shards)]
+    found = []
+    for shard in range(shards):
+        entry: dict[str, Any] = {"shard": shard, "computed": shard in pending, "stages": {}, "places": {},
+                                 "tables": tables.get(shard, {})}
+        for spec in group.stages:
+            where, marker = places.table(spec.name, shard, plan.fingerprints[spec.name])
+            entry["stages"][spec.name] = marker
+            entry["places"][spec.name] = "own" if where is layout else "other"
+        found.append(entry)
+    if found:
+        found[0]["set_up"] = set_up
+    return found
 
 
 def _forget_blocked(plan: Plan, group: AnnotationGroup, shards: int) -> None:
     """Blank, in every pool file written so far, the rows a stage of `group` hard-dropped and must not keep
     (Stage.forgets_drops: a blocklist). Idempotent, so a resumed run does it again safely."""
-    layout = plan.layout
     names = {spec.name for spec in group.stages}
     forgetting = [s for s in plan.stages if s.name in names and s.forgets_drops()]
     if not forgetting:
@@ -508,13 +603,13 @@ def _forget_blocked(plan: Plan, group: AnnotationGroup, shards: int) -> None:
     for shard in range(shards):
         keys: set[str] = set()
         for stage in forgetting:
-            table = storage.read_table(str(layout.shard_file(layout.annotation_phase(stage.name), shard)),
+            table = storage.read_table(plan.places.table_file(stage.name, shard, plan.fingerprints[stage.name]),
                                        columns=["key", REASON])
             keys |= {k for k, r in zip(*(table.column(c).to_pylist() for c in ("key", REASON))) if r is not None}
         if keys:
-            files = [str(layout.shard_file(INPUT_PHASE, shard))]
-            files += [str(layout.shard_file(layout.annotation_phase(s.name), shard)) for s in written[:last + 1]]
-            forget_in_pool(files, keys)
+            files = [plan.places.input_file(shard)]
+            files += [plan.places.table_file(s.name, shard, plan.fingerprints[s.name]) for s in written[:last + 1]]
+            forget_in_pool([f for f in files if plan.places.is_own(f)], keys)  # another output's pool: read only
 
 
 def _stages_before(plan: Plan, name: str | None) -> list[Stage]:
@@ -529,9 +624,16 @@ def _stages_before(plan: Plan, name: str | None) -> list[Stage]:
 
 
 def _providers(plan: Plan, stages: list[Stage], shard: int) -> list[Provider]:
-    layout = plan.layout
-    return [Provider(s.name, tuple(sorted(s.provides)), str(layout.shard_file(layout.annotation_phase(s.name), shard)))
-            for s in stages]
+    return [Provider(s.name, tuple(sorted(s.provides)),
+                     plan.places.table_file(s.name, shard, plan.fingerprints[s.name])) for s in stages]
+
+
+def _pool_images(plan: Plan, shards: int) -> PoolImages:
+    """Where the write finds each work shard's image bytes."""
+    stage = _image_stage(plan)
+    files = {shard: (plan.places.table_file(stage, shard, plan.fingerprints[stage]) if stage
+                     else plan.places.input_file(shard)) for shard in range(shards)}
+    return PoolImages(str(plan.layout.root), stage, files)
 
 
 def _image_stage(plan: Plan) -> str | None:
@@ -553,7 +655,7 @@ def _select(plan: Plan, segment: SegmentSpec, shards: int, resources: dict[str, 
 
     def files_of(shard: int) -> SegmentShard:
         return SegmentShard(
-            shard, str(layout.shard_file(INPUT_PHASE, shard)), _providers(plan, everything, shard),
+            shard, plan.places.input_file(shard), _providers(plan, everything, shard),
             None if segment.input_segment is None else str(layout.shard_file(segment.input_segment, shard)),
             str(layout.shard_file(segment.name, shard)), str(layout.drops_file(segment.name, shard)),
             str(layout.marker(segment.name, shard)))
@@ -597,10 +699,11 @@ def _release_pool(plan: Plan, layout: RunLayout) -> Any:
     stages = _stages_before(plan, None)
 
     def release(shard: int) -> None:
-        storage.location(str(layout.shard_file(INPUT_PHASE, shard))).unlink(missing_ok=True)
-        for stage in stages:
-            storage.location(str(layout.shard_file(layout.annotation_phase(stage.name), shard))).unlink(
-                missing_ok=True)
+        files = [plan.places.input_file(shard)]
+        files += [plan.places.table_file(s.name, shard, plan.fingerprints[s.name]) for s in stages]
+        for file in files:
+            if plan.places.is_own(file):  # another output's pool is read only
+                storage.location(file).unlink(missing_ok=True)
         crash_if_asked("release", shard)
 
     return release
@@ -654,28 +757,30 @@ def _collect_stage_stats(source_stats: dict[str, Any], plan: Plan,
                          select_markers: dict[str, list[dict[str, Any]]],
                          outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The funnel, per stage in recipe order: rows in / out and drops from the selection (a row counts under
-    the first stage that drops it), seconds of annotation plus selection, and the stages' counters."""
+    the first stage that drops it), seconds of annotation (this run's) plus selection, the stages' counters,
+    and the rows the pool holds annotated."""
     ordered = [{"name": SOURCE_STAGE, "phase": INPUT_PHASE, **source_stats}]
     totals: dict[str, StageStats] = {}
     for markers in select_markers.values():
         for marker in markers:
             for name, data in marker["stages"].items():
                 totals.setdefault(name, StageStats()).add(StageStats.from_json(data))
-    for markers in annotation_markers.values():
-        for shard in markers:
-            for name, marker in shard["stages"].items():
-                annotated = StageStats.from_json(marker["stats"])
-                entry = totals.setdefault(name, StageStats())
-                entry.seconds += annotated.seconds
-                entry.counters.update(annotated.counters)
-    for marker in outputs:
-        for name, counters in marker.get("counters", {}).items():
-            totals.setdefault(name, StageStats()).counters.update(counters)
     annotated: dict[str, int] = {}
     for markers in annotation_markers.values():
         for shard in markers:
             for name, marker in shard["stages"].items():
-                annotated[name] = annotated.get(name, 0) + marker["stats"]["rows_in"]
+                marker = marker or {}
+                annotated[name] = annotated.get(name, 0) + marker.get("annotated", marker.get("stats", {}).get(
+                    "rows_in", 0))
+                if not shard["tables"].get(name, {}).get("written") or "stats" not in marker:
+                    continue  # a table reused as it was: its seconds were spent by an earlier run
+                computed = StageStats.from_json(marker["stats"])
+                entry = totals.setdefault(name, StageStats())
+                entry.seconds += computed.seconds
+                entry.counters.update(computed.counters)
+    for marker in outputs:
+        for name, counters in marker.get("counters", {}).items():
+            totals.setdefault(name, StageStats()).counters.update(counters)
     for stage in plan.stages:
         entry = {"name": stage.name, "phase": stage.phase, **totals.get(stage.name, StageStats()).to_json()}
         if stage.name in annotated:
@@ -684,11 +789,40 @@ def _collect_stage_stats(source_stats: dict[str, Any], plan: Plan,
     return ordered
 
 
-def _pool_entry(plan: Plan) -> dict[str, Any]:
-    """The manifest's account of the pool: where it is, whether it stays, what it holds."""
+def _reuse(annotation_markers: dict[str, list[dict[str, Any]]]) -> dict[str, ReuseRecord]:
+    """Per stage: the rows and work shards this run computed, and those it reused (from which pool)."""
+    records: dict[str, ReuseRecord] = {}
+    for markers in annotation_markers.values():
+        set_up = markers[0].get("set_up", {}) if markers else {}
+        for shard in markers:
+            for name, marker in shard["stages"].items():
+                record = records.setdefault(name, ReuseRecord(loads=set_up.get(name, 0)))
+                marker = marker or {}
+                table = shard["tables"].get(name)
+                if table and table["written"]:
+                    record.computed.append(shard["shard"])
+                    record.computed_rows += table["computed"]
+                    record.reused_rows += table["reused"]
+                else:
+                    record.reused.append(shard["shard"])
+                    record.reused_rows += marker.get("annotated", 0)
+                if shard["places"].get(name) == "other":
+                    record.from_other.append(shard["shard"])
+    return records
+
+
+def _pool_entry(plan: Plan, annotation_markers: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The manifest's account of the pool: where it is, whether it stays, what it holds, and per stage the
+    annotation fingerprint with what this run computed and what it reused."""
     layout = plan.layout
     kept = plan.loaded.recipe.engine.keep_pool
     size = folder_bytes(layout.pool) if kept else 0  # None on an object store: not summed there
-    return {"path": layout.pool.name, "kept": kept, **({"bytes": size} if size is not None else {}),
-            "images_in": _image_stage(plan) or INPUT_PHASE,
-            "annotations": {name: plan.fingerprints[name] for name in plan.fingerprints}}
+    reuse = _reuse(annotation_markers)
+    entry = {"path": layout.pool.name, "kept": kept, **({"bytes": size} if size is not None else {}),
+             "images_in": _image_stage(plan) or INPUT_PHASE,
+             "annotations": {name: {"fingerprint": plan.fingerprints[name],
+                                    **(reuse[name].to_json() if name in reuse else {})}
+                             for name in plan.fingerprints}}
+    if plan.places.other is not None:
+        entry["reads"] = str(plan.places.other.root)
+    return entry

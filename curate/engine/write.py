@@ -101,13 +101,17 @@ def plan_output_shards(files: list[storage.Location], shard_rows: int | None,
 
 @dataclass(frozen=True)
 class PoolImages:
-    """Where the pool holds the image bytes of each work shard: the annotation tables of `stage`, else the split."""
+    """Where the pool holds the image bytes of each work shard: the annotation tables of `stage`, else the split,
+    in this output's pool or (`files`: shard -> file, as the run resolved them) another output's."""
 
     root: str
     stage: str | None
+    files: dict[int, str] | None = None
 
     def file(self, shard: int) -> storage.Location:
         """The pool file holding work shard `shard`'s image bytes."""
+        if self.files is not None and shard in self.files:
+            return storage.location(self.files[shard])
         layout = RunLayout(self.root)
         return layout.shard_file(layout.annotation_phase(self.stage) if self.stage else "input", shard)
 

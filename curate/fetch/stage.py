@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from curate.extract.document import KIND as DOCUMENT_KIND
 from curate.extract.document import record_removed, remove_images, removed_counter
+from curate.fetch.admission import ADMISSION_PARAMS, readmitted
 from curate.fetch.config import FetchParams
 from curate.fetch.http import FetchResult, HttpFetcher
 from curate.fetch.image import ImageError, ProcessedImage, process_image
@@ -47,8 +48,10 @@ class FetchStage(Stage):
     bytes are kept as they are.
 
     One step (`process`): a failed image leaves nothing to annotate, so every drop is a hard
-    one, and every parameter changes what is fetched or stored: all are annotation params
-    (the pace settings, threads and host limits, too, as for every stage).
+    one, and every parameter is an annotation param. Of those, `threads` and the caches only set
+    the pace (speed_params); the address guard, limits, timeouts, retries, robots and opt-out
+    settings decide which URLs are admitted (admission_params: changing them fetches again only
+    the rows they may now admit); resize and encode define the pool's images (pool_params).
     """
 
     name = "fetch"
@@ -63,6 +66,9 @@ class FetchStage(Stage):
     reads_images = True  # images that already have bytes are kept as they are
     annotation_params = frozenset(FetchParams.model_fields)
     selection_params = frozenset()
+    speed_params = frozenset({"threads", "dns_cache_ttl", "host_cache_size"})
+    admission_params = ADMISSION_PARAMS  # curate/fetch/admission.py: which earlier drops a change may cure
+    pool_params = frozenset({"resize", "encode"})
 
     def __init__(self, params: FetchParams, context: StageContext | None = None):
         super().__init__(params, context)
@@ -84,6 +90,10 @@ class FetchStage(Stage):
         return [f"{len(blocked)} of the first {len(urls)} image URLs point at non-public addresses (e.g. "
                 f"{blocked[0]}): fetch refuses them (drop reason blocked_address) unless "
                 "--set stages.fetch.allow_private_addresses=true"]
+
+    def readmits(self, before: dict) -> frozenset[str] | None:
+        """The drop reasons whose rows the current admission settings may now admit (None: they admit fewer)."""
+        return readmitted(before, self.admission())
 
     def setup(self) -> None:
         """Create the HTTP fetcher (its connection pool and worker threads)."""

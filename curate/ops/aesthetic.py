@@ -63,6 +63,18 @@ class AestheticStage(ClipHeadStage):
                             self.params.max_score, ("aesthetic_low", "aesthetic_high"), digits=3)
         return with_drops(batch, *drops)
 
+    def metrics(self) -> list:
+        """scores.aesthetic."""
+        from curate.metrics import Metric
+
+        return [Metric("aesthetic", "scores.aesthetic", "the aesthetic head's score of the CLIP image embedding")]
+
+    def thresholds(self) -> list:
+        """min_score and max_score on aesthetic."""
+        from curate.metrics import limits
+
+        return limits(self.params, {"min_score": ("aesthetic", "min"), "max_score": ("aesthetic", "max")})
+
     def _image_embeddings(self, batch: pa.Table) -> tuple[np.ndarray, list[str | None]]:
         stored = batch.column("embeddings").to_pylist()
         reusable = [e is not None and e.get("model") == self.model_name and e.get("image") for e in stored]

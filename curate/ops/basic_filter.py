@@ -148,6 +148,26 @@ class BasicFilter(Stage):
         verdicts = [self._verdict(read_measurements(meta)) for meta in batch.column("meta").to_pylist()]
         return with_drops(batch, [v[0] if v else None for v in verdicts], [v[1] if v else None for v in verdicts])
 
+    def metrics(self) -> list:
+        """meta.basic: smallest side, largest aspect ratio (infinite with a side of 0), caption length."""
+        from curate.metrics import Metric
+
+        side, ratio = f"meta.{META_KEY}.min_side", f"meta.{META_KEY}.max_aspect_ratio"
+        return [Metric("basic.min_side", side, "shorter original side of the smallest image"),
+                Metric("basic.max_aspect_ratio", description="longer / shorter original side, most elongated image",
+                       inputs=(side, ratio), combine=lambda sides, ratios: np.where(sides == 0, np.inf, ratios)),
+                Metric("basic.caption_chars", f"meta.{META_KEY}.caption_chars", "caption characters"),
+                Metric("basic.caption_words", f"meta.{META_KEY}.caption_words", "caption words")]
+
+    def thresholds(self) -> list:
+        """Every limit on a measurement (drop_empty_captions is a rule, not a threshold)."""
+        from curate.metrics import limits
+
+        return limits(self.params, {
+            "min_side": ("basic.min_side", "min"), "max_aspect_ratio": ("basic.max_aspect_ratio", "max"),
+            "min_caption_chars": ("basic.caption_chars", "min"), "max_caption_chars": ("basic.caption_chars", "max"),
+            "min_caption_words": ("basic.caption_words", "min"), "max_caption_words": ("basic.caption_words", "max")})
+
     def _verdict(self, measured: dict[str, Any]) -> tuple[str, str] | None:
         """(reason, detail) of the first rule a sample breaks, image rules first, else None."""
         return self._image_verdict(measured) or self._caption_verdict(measured)

@@ -48,6 +48,7 @@ class Captioner(Stage):
     # batch_size and torch_threads only set the pace; they are annotation params all the same
     annotation_params = frozenset(CaptionerParams.model_fields)
     selection_params = frozenset()
+    speed_params = frozenset({"batch_size", "torch_threads"})
 
     def preflight(self) -> None:
         """Refuse, before any work, a model that is not available locally or does not match its pin."""

@@ -76,6 +76,18 @@ class ClipScoreStage(ClipModelStage):
                             self.params.max_score, ("clip_score_low", "clip_score_high"), digits=4)
         return with_drops(batch, *drops)
 
+    def metrics(self) -> list:
+        """scores.clip_score."""
+        from curate.metrics import Metric
+
+        return [Metric("clip_score", "scores.clip_score", "cosine of the image and caption embeddings")]
+
+    def thresholds(self) -> list:
+        """min_score and max_score on clip_score."""
+        from curate.metrics import limits
+
+        return limits(self.params, {"min_score": ("clip_score", "min"), "max_score": ("clip_score", "max")})
+
     def _write_scores(self, batch: pa.Table, scores: np.ndarray, errors: list[str | None]) -> pa.Table:
         return merge_scores(batch, "clip_score", [None if error else float(s) for s, error in zip(scores, errors)])
 

@@ -109,6 +109,7 @@ class ClipModelStage(Stage):
     reads_images = True
     annotation_params = frozenset({"model"}) | THROUGHPUT_PARAMS
     selection_params = frozenset()
+    speed_params = THROUGHPUT_PARAMS
 
     def __init__(self, params: Params, context: StageContext | None = None):
         super().__init__(params, context)
@@ -176,6 +177,7 @@ class ClipHeadStage(ClipModelStage):
     check_head: ClassVar[Callable[[Any], dict]]
     reads = frozenset({"images", "embeddings"})  # embeddings of the same CLIP are reused
     annotation_params = frozenset({"clip", "head"}) | THROUGHPUT_PARAMS
+    speed_params = THROUGHPUT_PARAMS
 
     def __init__(self, params: Params, context: StageContext | None = None):
         super().__init__(params, context)

@@ -56,6 +56,7 @@ class DecodeStage(Stage):
     reads_images = True
     annotation_params = frozenset(DecodeParams.model_fields)  # max_pixels decides what decodes at all
     selection_params = frozenset()
+    pool_params = frozenset({"resize", "encode", "keep_bytes"})
 
     def process(self, batch: pa.Table) -> pa.Table:
         """Decode every stored, not yet decoded image of `batch`; drop rows with an image that does not decode."""

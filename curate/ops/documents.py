@@ -197,6 +197,46 @@ class DocumentFilter(Stage):
                     reasons[row], details[row] = verdict
         return with_drops(batch, reasons, details)
 
+    def metrics(self) -> list:
+        """meta.documents' measurements, and the two ratios `select` computes from them."""
+        import numpy as np
+
+        from curate.metrics import Metric
+
+        def failed_share(images: np.ndarray, removed: np.ndarray) -> np.ndarray:
+            total = images + removed
+            return np.where(total > 0, removed / total, np.where(np.isnan(total), np.nan, 0.0))
+
+        def images_per_100_words(images: np.ndarray, words: np.ndarray) -> np.ndarray:
+            ratio = np.where(words > 0, images * 100 / words, np.inf)
+            return np.where(np.isnan(images) | np.isnan(words), np.nan, ratio)
+
+        fields = {"images": "images left in the document", "removed_images": "images removed from the document",
+                  "text_chars": "characters of all text", "text_words": "words of all text",
+                  "duplicate_paragraph_share": "share of paragraphs repeating an earlier one",
+                  "char_repetition": f"character repetition ({self.params.char_repetition_n}-grams)",
+                  "word_repetition": f"word repetition ({self.params.word_repetition_n}-grams)"}
+        return [*(Metric(f"documents.{name}", f"meta.{META_KEY}.{name}", text) for name, text in fields.items()),
+                Metric("documents.failed_image_share", description="removed / all images the document had",
+                       inputs=(f"meta.{META_KEY}.images", f"meta.{META_KEY}.removed_images"), combine=failed_share),
+                Metric("documents.images_per_100_words", description="images per 100 words of text",
+                       inputs=(f"meta.{META_KEY}.images", f"meta.{META_KEY}.text_words"),
+                       combine=images_per_100_words)]
+
+    def thresholds(self) -> list:
+        """Every document limit (the image size rules remove images, they judge no document)."""
+        from curate.metrics import limits
+
+        return limits(self.params, {
+            "max_failed_image_share": ("documents.failed_image_share", "max"),
+            "min_images": ("documents.images", "min"), "max_images": ("documents.images", "max"),
+            "min_text_chars": ("documents.text_chars", "min"), "min_text_words": ("documents.text_words", "min"),
+            "min_images_per_100_words": ("documents.images_per_100_words", "min"),
+            "max_images_per_100_words": ("documents.images_per_100_words", "max"),
+            "max_duplicate_paragraph_share": ("documents.duplicate_paragraph_share", "max"),
+            "max_char_repetition_ratio": ("documents.char_repetition", "max"),
+            "max_word_repetition_ratio": ("documents.word_repetition", "max")})
+
     def _unusable_images(self, image_meta: list[dict]) -> list[dict]:
         """The images to remove for their size, as meta.removed_images entries."""
         p = self.params

@@ -138,6 +138,7 @@ class EditChecks(Stage):
     reads_images = True
     # max_pixels: an image above it does not decode (nothing to measure); threads only sets the pace
     annotation_params = frozenset({"max_pixels", "threads"})
+    speed_params = frozenset({"threads"})
     selection_params = frozenset({"min_change"})
 
     def __init__(self, params: EditChecksParams, context: StageContext | None = None):
@@ -166,6 +167,19 @@ class EditChecks(Stage):
         field = schema.SAMPLE_SCHEMA.field("meta")
         batch = batch.set_column(batch.schema.get_field_index("meta"), field, pa.array(metas, field.type))
         return with_drops(batch, [reason for _, reason, _ in checked], [detail for _, _, detail in checked])
+
+    def metrics(self) -> list:
+        """meta.edit.turns[].change: a chain's smallest change (recorded to 3 decimals)."""
+        from curate.metrics import Metric
+
+        return [Metric("edit.change", "meta.edit.turns.*.change", "mean absolute thumbnail change (0-255), "
+                       "smallest turn", reduce="min")]
+
+    def thresholds(self) -> list:
+        """min_change on edit.change."""
+        from curate.metrics import limits
+
+        return limits(self.params, {"min_change": ("edit.change", "min")})
 
     def _check(self, row: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
         """(meta, drop reason, detail) of one row."""

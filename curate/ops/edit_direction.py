@@ -113,6 +113,18 @@ class EditDirection(ClipModelStage):
             details.append(f"{where}clip_direction {score:.4f} < {limit}")
         return with_drops(batch, reasons, details)
 
+    def metrics(self) -> list:
+        """scores.clip_direction (a chain's weakest turn)."""
+        from curate.metrics import Metric
+
+        return [Metric(SCORE, f"scores.{SCORE}", "cosine of the image change and the text change, weakest turn")]
+
+    def thresholds(self) -> list:
+        """min_score on clip_direction."""
+        from curate.metrics import limits
+
+        return limits(self.params, {"min_score": (SCORE, "min")})
+
     def _plan(self, row: dict[str, Any]) -> "_Plan":
         if row["kind"] != EDIT_KIND:
             return _Plan([], [], [], [])

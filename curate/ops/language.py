@@ -267,6 +267,20 @@ class LanguageFilter(Stage):
         details = [v[1] if v else None for v in verdicts]
         return with_drops(batch, reasons, details)
 
+    def metrics(self) -> list:
+        """meta.language.confidence (null when the text was not judged)."""
+        from curate.metrics import Metric
+
+        return [Metric("language.confidence", f"meta.{META_KEY}.confidence", "confidence of the top language")]
+
+    def thresholds(self) -> list:
+        """min_confidence, when `languages` makes the stage drop anything."""
+        from curate.metrics import limits
+
+        if not self.params.languages:
+            return []
+        return limits(self.params, {"min_confidence": ("language.confidence", "min")})
+
     def _texts(self, batch: pa.Table) -> list[str | None]:
         """Per row, the text to judge, or None when it is empty or shorter than `min_chars`."""
         kinds = batch.column("kind").to_pylist()

@@ -14,7 +14,13 @@ from typing import Any, Iterable
 from curate.drop_log import count_rows, images_removed
 from curate.files import atomic_path
 from curate.report.columns import DEFAULT_MAX_ROWS, Distributions, read_distributions
-from curate.report.plots import render_plots
+from curate.report.distributions import (
+    AnnotationDistributions,
+    MetricDistribution,
+    quantiles,
+    read_annotation_distributions,
+)
+from curate.report.plots import annotation_pngs, render_plots
 from curate.report.reader import Output, open_output
 from curate.report.samples import (
     DropExamples,
@@ -28,7 +34,8 @@ from curate.report.samples import (
 from curate.report.thumbnails import data_uri, thumbnail_uri
 
 SECTIONS = {"summary": "Summary", "funnel": "Funnel", "drops": "Drops by reason", "distributions": "Distributions",
-            "counts": "Kinds and roles", "dedup": "Dedup", "kept": "Kept samples", "dropped": "Dropped samples"}
+            "annotations": "Annotations: kept and dropped", "counts": "Kinds and roles", "dedup": "Dedup",
+            "kept": "Kept samples", "dropped": "Dropped samples"}
 CAPTION_CHARS = 240
 URL_CHARS = 120
 
@@ -248,6 +255,44 @@ def _distributions(manifest: dict[str, Any], charts: dict[str, bytes], distribut
     return _section("distributions", body)
 
 
+def _annotation(distribution: MetricDistribution, charts: dict[str, bytes]) -> str:
+    """One metric: its chart, then counts and quantiles of kept and dropped rows, and the thresholds."""
+    metric, name = distribution.metric, f"{distribution.stage}:{distribution.metric.name}"
+    kept, dropped = distribution.kept, distribution.dropped
+    title = (f'<h3 data-metric="{esc(name)}">{esc(metric.name)} <span class="count">(stage {esc(distribution.stage)}'
+             f'{", " + esc(metric.description) if metric.description else ""})</span></h3>')
+    names = ("p5", "p25", "p50", "p75", "p95")
+    rows = [["kept", kept.size, *(quantiles(kept).get(q) for q in names)],
+            ["dropped", dropped.size, *(quantiles(dropped).get(q) for q in names)]]
+    for stage, count in distribution.dropped_counts().items():
+        found = quantiles(distribution.dropped_values(stage))
+        rows.append([f"dropped by {stage}", count, *(found.get(q) for q in names)])
+    table = _table(["rows", "count", *names], rows, set(range(1, 7)))
+    note = f"{distribution.annotated:,} annotated rows"
+    if distribution.missing:
+        note += f", {distribution.missing:,} of them without a value"
+    cuts = [[t.param, t.bound, t.value, outside, f"{100 * outside / max(kept.size + dropped.size, 1):.1f}%"]
+            for t, outside in distribution.cuts()]
+    thresholds = (_table(["threshold", "bound", "value", "values outside", "of annotated"], cuts, {2, 3, 4})
+                  if cuts else '<p class="note">No threshold on this metric in the recipe.</p>')
+    return (title + '<div class="side">' + _chart(charts, name, f"{metric.name} kept and dropped histogram") +
+            f'<div><p class="note">{esc(note)}</p>{table}{thresholds}</div></div>')
+
+
+def _annotations(annotations: AnnotationDistributions, charts: dict[str, bytes]) -> str:
+    intro = ("Each stage's numeric annotations over every row it annotated, kept and dropped apart (a row dropped "
+             "as a whole by any stage, named in the drop log), on shared bins, with the recipe's thresholds: what "
+             "a threshold would change can be read before choosing it.")
+    body = f'<p class="note">{esc(intro)}</p>'
+    body += "".join(f'<p class="note bad">{esc(note)}</p>' for note in annotations.notes)
+    if not annotations.pool:
+        body += '<p class="note">The distributions section above shows the kept samples only.</p>'
+    elif not annotations.metrics and not annotations.notes:
+        body += '<p class="note">No stage of this recipe records a numeric annotation.</p>'
+    body += "".join(_annotation(distribution, charts) for distribution in annotations.metrics)
+    return _section("annotations", body)
+
+
 def _counts(manifest: dict[str, Any], distributions: Distributions) -> str:
     kinds = manifest.get("kinds") or {}
     body = '<div class="side"><div><h3>Per kind</h3>'
@@ -320,11 +365,14 @@ def _dropped(examples: list[DropExamples], note: str) -> str:
 
 
 def build_report(output: Output, kept: int = 24, per_reason: int = 6, max_rows: int = DEFAULT_MAX_ROWS,
-                 max_source_rows: int = 500_000) -> str:
-    """The HTML page of `output`: summary, funnel, drops, distributions, kinds and roles, dedup, samples."""
+                 max_source_rows: int = 500_000, annotations: AnnotationDistributions | None = None) -> str:
+    """The HTML page of `output`: summary, funnel, drops, distributions, annotations kept and dropped (read from
+    the pool unless given as `annotations`), kinds and roles, dedup, samples."""
     manifest = output.manifest
     distributions = read_distributions(output, max_rows)
-    charts = render_plots(manifest, distributions)
+    if annotations is None:
+        annotations = read_annotation_distributions(output.root, manifest)
+    charts = {**render_plots(manifest, distributions), **annotation_pngs(annotations)}
     examples = drop_examples(output, per_reason)
     drop_note = fill_dropped(output, [s for e in examples for s in e.samples], max_source_rows)
     title = f"curate report: {manifest['recipe'].get('name', '')}"
@@ -341,6 +389,7 @@ def build_report(output: Output, kept: int = 24, per_reason: int = 6, max_rows: 
         _funnel(manifest, charts),
         _drops(manifest, charts),
         _distributions(manifest, charts, distributions),
+        _annotations(annotations, charts),
         _counts(manifest, distributions),
         _dedup(output, max_source_rows),
         _kept(kept_samples(output, kept), int(manifest.get("outputs", {}).get("rows", 0))),
@@ -353,7 +402,7 @@ def build_report(output: Output, kept: int = 24, per_reason: int = 6, max_rows: 
 def write_report(output_dir: str | Path, report_path: str | Path, **options: Any) -> Path:
     """Write the HTML report of the output in `output_dir` to `report_path` (atomically); return the path.
 
-    `options` go to `build_report` (kept, per_reason, max_rows, max_source_rows). Raises
+    `options` go to `build_report` (kept, per_reason, max_rows, max_source_rows, annotations). Raises
     `curate.report.reader.OutputUnreadable` when `output_dir` holds no readable manifest.
     """
     output = open_output(output_dir)

@@ -1,4 +1,5 @@
-"""Charts of an output as PNG bytes: funnel, drops by reason, score, size and caption-length histograms.
+"""Charts of an output as PNG bytes: funnel, drops by reason, score, size and caption-length histograms, and
+each annotation's kept and dropped histogram with the recipe's thresholds (`annotation_pngs`).
 
 Drawn with matplotlib's Agg canvas on standalone figures (no pyplot, no global backend), with the
 PNG metadata left out so that the same output gives the same bytes.
@@ -17,11 +18,14 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from curate.report.columns import Distributions, read_distributions
+from curate.report.distributions import AnnotationDistributions, MetricDistribution
 from curate.report.reader import open_output
 
 KEPT = "#3b7dd8"
 DROPPED = "#e8a0a0"
 SECOND = "#f0a030"
+OWN_DROP = "#c9473a"  # dropped by the stage whose annotation is drawn; DROPPED: by any other stage
+THRESHOLD_COLOURS = ["#222222", "#9467bd", "#f0a030"]
 PALETTE = ["#3b7dd8", "#e0664a", "#43a66b", "#9467bd", "#f0a030", "#17becf", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22"]
 WIDTH = 6.4  # inches at 100 dpi
@@ -183,4 +187,45 @@ def caption_png(chars: np.ndarray, words: np.ndarray) -> bytes:
         _style(axes)
     left.set_ylabel("captions", fontsize=8)
     figure.suptitle(f"Caption length of {chars.size:,} captions", fontsize=10, x=0.02, ha="left")
+    return _png(figure)
+
+
+def annotation_pngs(distributions: AnnotationDistributions) -> dict[str, bytes]:
+    """One chart per metric of `distributions` (`annotation_png`), named `<stage>:<metric>`."""
+    return {f"{d.stage}:{d.metric.name}": annotation_png(d) for d in distributions.metrics
+            if d.kept.size or d.dropped.size}
+
+
+def annotation_png(distribution: MetricDistribution) -> bytes:
+    """Stacked histogram of one metric over the annotated rows: kept, dropped by its own stage, dropped by
+    other stages; the thresholds as dashed lines labelled with their value and what they cut."""
+    histogram = distribution.histogram()
+    figure, axes = _figure(2.7)
+    left, widths = histogram.edges[:-1], np.diff(histogram.edges)
+    bottom = np.zeros(len(left))
+    layers = ((histogram.kept, KEPT, "kept"), (histogram.own, OWN_DROP, f"dropped by {distribution.stage}"),
+              (histogram.other, DROPPED, "dropped by other stages"))
+    for counts, colour, label in layers:
+        if counts.sum():
+            axes.bar(left, counts, width=widths, bottom=bottom, align="edge", color=colour, linewidth=0,
+                     label=f"{label} ({int(counts.sum()):,})")
+            bottom = bottom + counts
+    for index, (threshold, outside) in enumerate(distribution.cuts()):
+        side = "below" if threshold.bound == "min" else "above"
+        text = f"{threshold.param} {threshold.value:g}: {outside:,} values {side}"
+        if histogram.position(threshold.value) is None:
+            axes.plot([], [], " ", label=f"{text} (off the chart)")
+            continue
+        axes.axvline(threshold.value, color=THRESHOLD_COLOURS[index % len(THRESHOLD_COLOURS)], linestyle="--",
+                     linewidth=1.4, label=text)
+    infinite = int((~np.isfinite(distribution.kept)).sum() + (~np.isfinite(distribution.dropped)).sum())
+    if infinite:
+        axes.plot([], [], " ", label=f"{infinite:,} infinite values not drawn")
+    axes.set_xlabel(distribution.metric.description or distribution.metric.name, fontsize=8)
+    axes.set_ylabel("annotated rows", fontsize=8)
+    axes.set_title(f"{distribution.metric.name} ({distribution.stage}): {distribution.annotated:,} annotated rows",
+                   fontsize=10, loc="left")
+    axes.legend(fontsize=7, frameon=False)
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _style(axes)
     return _png(figure)

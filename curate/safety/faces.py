@@ -196,6 +196,30 @@ class FacesStage(Stage):
         """Detect, record and drop as configured, then blur the faces of the kept rows (`blur`)."""
         return self.transform(self.select(self.annotate(batch)))
 
+    def metrics(self) -> list:
+        """Faces in the image with most (meta.faces), and the share of its image the largest face covers."""
+        from curate.metrics import Metric
+
+        def largest_fraction(row: dict) -> float | None:
+            boxes, sizes = row["meta"].get(FACES), row["image_meta"] or []
+            if not isinstance(boxes, list):
+                return None
+            shares = [largest_face(found, sizes[i] if i < len(sizes) else None) if found else 0.0
+                      for i, found in enumerate(boxes)]
+            shares = [share for share in shares if share is not None]  # None: the image's size is unknown
+            return max(shares) if shares else None
+
+        return [Metric("faces.count", f"meta.{FACES}.*.#", "faces found in the image with most"),
+                Metric("faces.largest_fraction", description="share of its image the largest face covers",
+                       columns=("meta", "image_meta"), read=largest_fraction)]
+
+    def thresholds(self) -> list:
+        """max_faces and max_face_fraction."""
+        from curate.metrics import limits
+
+        return limits(self.params, {"max_faces": ("faces.count", "max"),
+                                    "max_face_fraction": ("faces.largest_fraction", "max")})
+
     def _verdict(self, image_meta: list[dict | None], boxes: list) -> str | None:
         """Why the sample is dropped under max_faces / max_face_fraction, else None."""
         limit, fraction_limit = self.params.max_faces, self.params.max_face_fraction

@@ -147,6 +147,7 @@ class NsfwStage(Stage):
     annotation_params = frozenset({"classes", "model", "sha256", "input_size", "batch_size", "threads",
                                    "caption_screen", "bundled_words", "caption_words", "caption_word_files"})
     selection_params = frozenset({"max_score"})
+    speed_params = frozenset({"batch_size", "threads"})
 
     def __init__(self, params: NsfwParams, context: StageContext | None = None):
         super().__init__(params, context)
@@ -224,6 +225,18 @@ class NsfwStage(Stage):
         verdicts = [self._verdict(meta_object(meta), score)
                     for meta, score in zip(batch.column("meta").to_pylist(), score_values(batch, "nsfw"))]
         return with_drops(batch, [reason for reason, _ in verdicts], [detail for _, detail in verdicts])
+
+    def metrics(self) -> list:
+        """scores.nsfw (null for the rows the caption screen stopped)."""
+        from curate.metrics import Metric
+
+        return [Metric(NSFW, f"scores.{NSFW}", "highest probability of the chosen classes over the images")]
+
+    def thresholds(self) -> list:
+        """max_score on nsfw (the caption screen is a rule, not a threshold)."""
+        from curate.metrics import limits
+
+        return limits(self.params, {"max_score": (NSFW, "max")})
 
     def _verdict(self, meta: dict, score: float | None) -> tuple[str | None, str | None]:
         """(reason, detail) of one row from its recorded screen match and score; (None, None) keeps it."""

@@ -84,6 +84,18 @@ class WatermarkStage(ClipHeadStage):
                             (WATERMARK, WATERMARK), digits=3)
         return with_drops(batch, *drops)
 
+    def metrics(self) -> list:
+        """scores.watermark."""
+        from curate.metrics import Metric
+
+        return [Metric(WATERMARK, f"scores.{WATERMARK}", "the watermark head's probability for image 0")]
+
+    def thresholds(self) -> list:
+        """max_score on watermark."""
+        from curate.metrics import limits
+
+        return limits(self.params, {"max_score": (WATERMARK, "max")})
+
     def _image_embeddings(self, batch: pa.Table) -> tuple[np.ndarray, list[str | None]]:
         """Stored embeddings of this CLIP model where present, the others computed; (rows x d, errors)."""
         stored = batch.column("embeddings").to_pylist()
