@@ -50,9 +50,9 @@ def routes() -> dict[str, Route]:
 MISSING = ["/missing/0.jpg", "/missing/1.jpg", "/missing/2.jpg"]
 
 
-@pytest.fixture
-def finished_run(tmp_path, local_ray):
-    """A run whose fetch (2 attempts per URL) lost the flaky, busy, missing and down images."""
+def finished(tmp_path: Path, keep_pool: bool):
+    """A run whose fetch (2 attempts per URL) lost the flaky, busy, missing and down images; it kept its pool
+    (retried in place) or not (engine.keep_pool: false: retried apart and merged in)."""
     server = LoopbackServer(routes())
     server.__enter__()
     paths = list(server.routes) + MISSING
@@ -65,9 +65,23 @@ def finished_run(tmp_path, local_ray):
         "source: {type: url_list, path: urls.parquet}\n"
         "stages:\n  fetch: {allow_private_addresses: true, host_rate: null, retries: 1, backoff_base: 0.01}\n"
         "output: {path: out, formats: [parquet, webdataset], shard_rows: 5}\nengine: {rows_per_work_shard: 6}\n")
-    plan = compile_plan(load_recipe(recipe, [f"output.path={tmp_path / 'out'}"]))
+    plan = compile_plan(load_recipe(recipe, [f"output.path={tmp_path / 'out'}",
+                                             f"engine.keep_pool={'true' if keep_pool else 'false'}"]))
     manifest = execute(plan, Console(file=io.StringIO()), progress=False)
-    yield tmp_path / "out", manifest, server, base
+    return tmp_path / "out", manifest, server, base
+
+
+@pytest.fixture(params=[True, False], ids=["pool", "no-pool"])
+def finished_run(tmp_path, local_ray, request):
+    output, manifest, server, base = finished(tmp_path, keep_pool=request.param)
+    yield output, manifest, server, base
+    server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def finished_run_without_pool(tmp_path, local_ray):
+    output, manifest, server, base = finished(tmp_path, keep_pool=False)
+    yield output, manifest, server, base
     server.__exit__(None, None, None)
 
 
@@ -115,8 +129,8 @@ def test_retry_recovers_transient_failures_and_leaves_404s_alone(finished_run):
     assert verify_output(output).ok
 
 
-def test_an_interrupted_merge_is_finished_by_the_next_retry(finished_run, monkeypatch):
-    output, _, _, _ = finished_run
+def test_an_interrupted_merge_is_finished_by_the_next_retry(finished_run_without_pool, monkeypatch):
+    output, _, _, _ = finished_run_without_pool
     real_apply = retry_module._apply_merge
 
     def crash_after_moving_shards(out: Path, merge: Path):
@@ -168,3 +182,52 @@ def test_retryable_keys_are_only_fetch_drops_with_a_retryable_reason():
     drops = pa.Table.from_pylist([{"key": key, "url": None, "stage": stage, "reason": reason, "detail": None}
                                   for key, stage, reason in rows], schema=DROP_SCHEMA)
     assert retryable_keys(drops) == {"a": "timeout", "d": "http_5xx", "f": "http_429"}
+
+
+COCO = Path(__file__).resolve().parent / "data" / "captioned-images"
+
+
+def test_a_recovered_copy_never_sits_beside_its_original_and_top_fraction_sees_the_whole_pool(tmp_path, local_ray):
+    """A copy whose first fetch failed (503) is recovered by `curate retry`; the selection then runs over the whole
+    pool: the copy is dropped as a copy, and the top fraction is that of a run where nothing failed."""
+    captions = [json.loads(line) for line in (COCO / "captions.jsonl").read_text().splitlines()]
+    photo = (COCO / captions[0]["file_name"]).read_bytes()
+    table = {"/photo.jpg": Route(body=photo), "/photo_copy.jpg": Route(body=photo, fail_times=2, fail_status=503)}
+    for n, row in enumerate(captions[1:]):
+        table[f"/coco{n}.jpg"] = Route(body=(COCO / row["file_name"]).read_bytes())
+    for n in range(6):
+        table[f"/ok/{n}.jpg"] = Route(body=jpeg(n))
+    texts = [captions[0]["caption"]] * 2 + [row["caption"] for row in captions[1:]] + [
+        f"Bild Nummer {n}" for n in range(6)]
+    recipe = tmp_path / "recipe.yaml"
+
+    def run_into(server: LoopbackServer, out: str) -> dict:
+        base = server.base_url.rstrip("/")
+        pq.write_table(pa.table({"url": [base + p for p in table], "caption": texts}), tmp_path / f"{out}.parquet")
+        recipe.write_text(
+            f"source: {{type: url_list, path: {out}.parquet}}\n"
+            "stages:\n  fetch: {allow_private_addresses: true, host_rate: null, retries: 1, backoff_base: 0.01}\n"
+            "  clip_score: {model: {model: curate-tiny}}\n  dedup_exact: {}\n"
+            "  top_fraction: {score: clip_score, fraction: 0.5}\n"
+            f"output: {{path: {tmp_path / out}, formats: [parquet]}}\nengine: {{rows_per_work_shard: 4}}\n")
+        return execute(compile_plan(load_recipe(recipe)), Console(file=io.StringIO()), progress=False, judge=False)
+
+    with LoopbackServer(table) as server:
+        first = run_into(server, "out")
+        assert first["drop_log"]["by_reason"].get("http_5xx") == 1
+        merged = retry(tmp_path / "out", Console(file=io.StringIO()), progress=False)
+    with LoopbackServer({path: Route(body=route.body) for path, route in table.items()}) as steady:
+        fresh = run_into(steady, "fresh")  # the same list where every fetch succeeds at once
+
+    kept = pq.read_table(tmp_path / "out" / "parquet", columns=["key", "image_meta"]).to_pylist()
+    hashes = [row["image_meta"][0]["sha256"] for row in kept]
+    assert len(hashes) == len(set(hashes))  # no copy beside its original
+    drops = {row["key"]: row for row in pq.read_table(tmp_path / "out" / "drops.parquet").to_pylist()}
+    copy = next(row for row in drops.values() if row["url"].endswith("/photo_copy.jpg"))
+    assert copy["stage"] == "dedup_exact"
+    assert merged["retries"][0]["recovered_rows"] == 1 and merged["reconciliation"]["ok"]
+    assert merged["drop_log"]["by_reason"] == fresh["drop_log"]["by_reason"]
+    judged = {s["name"]: (s["rows_in"], s["rows_out"]) for s in merged["stages"]}
+    assert judged == {s["name"]: (s["rows_in"], s["rows_out"]) for s in fresh["stages"]}
+    assert judged["top_fraction"][1] == int(judged["top_fraction"][0] * 0.5) or \
+        judged["top_fraction"][1] >= int(judged["top_fraction"][0] * 0.5)

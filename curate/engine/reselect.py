@@ -27,6 +27,7 @@ from curate.stage import RecipeError, Stage
 
 POOL_RECORD = "pool.json"
 REPLACED = "replaced.json"  # in the work area: the files of the output a re-selection replaces
+KEPT_IN_WORK = ("retry.json",)  # what a re-selection keeps of the work area (a retry's record)
 
 
 class PoolMismatch(RecipeError):
@@ -123,8 +124,11 @@ def start_reselection(layout: RunLayout) -> None:
     clear the work area of the previous recipe and remove its manifest, so the folder reads as unfinished."""
     replaced = layout.work / REPLACED
     files = read_json(replaced)["files"] if replaced.exists() else output_files(layout)
+    kept = {name: read_json(layout.work / name) for name in KEPT_IN_WORK if (layout.work / name).exists()}
     storage.remove_tree(layout.work, ignore_errors=True)
     layout.work.mkdir(parents=True, exist_ok=True)
+    for name, data in kept.items():
+        write_json(layout.work / name, data)
     write_json(replaced, {"files": files})
     layout.manifest.unlink(missing_ok=True)
 

@@ -1,5 +1,16 @@
 """`curate retry OUTPUT`: fetch again only the rows a finished run dropped for a transient reason.
 
+An output that kept its pool (the default) is retried in place: the recipe runs again over its pool,
+the fetch stage fetching only the rows it dropped for a retryable reason
+(curate.fetch.reasons.RETRYABLE: timeouts, connection errors, 408/429/5xx, rate limits), the later
+stages annotating only the rows recovered, and the whole selection (dedup and top fraction
+included) runs over the whole pool: a recovered copy of a kept image is dropped as a copy, as in a
+run where its first fetch had not failed. The manifest's `retries` lists every retry. A retry
+interrupted is finished by the next `curate retry`.
+
+An output made with `engine.keep_pool: false` has no pool to re-select from; it is retried as a
+separate run merged in:
+
 1. The drops of stage `fetch` whose reason is retryable (curate.fetch.reasons.RETRYABLE:
    timeouts, connection errors, 408/429/5xx, rate limits) are selected from the drop log.
 2. The recipe recorded in the manifest runs again, its source filtered to those keys, into
@@ -43,6 +54,7 @@ from curate.manifest.validate import validate_manifest
 from curate.stage import RecipeError
 
 RETRY_DIR = "_retry"
+RETRY_RECORD = "retry.json"  # in the work area while an in-place retry runs
 FETCH_STAGE = "fetch"
 
 
@@ -106,6 +118,10 @@ def _retry(output: Path, console: Console, overrides: list[str] | None, address:
            progress: bool) -> dict[str, Any]:
     """retry(), with the output folder's lock held."""
     manifest_file = output / "manifest.json"
+    unfinished = output / "_work" / RETRY_RECORD
+    if not manifest_file.exists() and unfinished.exists():
+        console.print("[yellow]finishing[/] the interrupted retry")
+        return _retry_in_pool(output, read_json(unfinished), console, overrides, address, verbose, progress)
     if not manifest_file.exists():
         raise RecipeError("not a complete curate output (no manifest.json); finish the run first", file=str(output))
     pending = sorted((output / RETRY_DIR).glob("*/merge/plan.json"))
@@ -120,12 +136,60 @@ def _retry(output: Path, console: Console, overrides: list[str] | None, address:
         return manifest
     console.print(f"retrying {len(keys)} rows: {dict(sorted(Counter(keys.values()).items()))}")
     attempt = len(manifest.get("retries", [])) + 1
+    if (manifest.get("pool") or {}).get("kept") and (output / "_pool" / "pool.json").exists():
+        record = {"attempt": attempt, "keys": keys, "previous": manifest.get("retries", []),
+                  "recipe": manifest["recipe"]}
+        return _retry_in_pool(output, record, console, overrides, address, verbose, progress)
+    console.print("[yellow]note:[/] this output kept no pool (engine.keep_pool: false): the retried rows run "
+                  "apart and are merged in; corpus-wide stages (dedup, top fraction) see them alone")
     work = output / RETRY_DIR / f"{attempt:03d}"
     sub_manifest = _run_subset(manifest, keys, work / "out", console, overrides or [], address, verbose, progress)
     merge = work / "merge"
     _prepare_merge(output, manifest, drops, keys, work / "out", sub_manifest, merge, attempt)
     merged = _apply_merge(output, merge)
     return merged
+
+
+def _retry_in_pool(output: Path, record: dict[str, Any], console: Console, overrides: list[str] | None,
+                   address: str | None, verbose: bool, progress: bool) -> dict[str, Any]:
+    """Run the recorded recipe again over the output's own pool, fetching the retryable drops again; the whole
+    selection runs over the whole pool. Return the new manifest, with this retry added to `retries`."""
+    from curate.engine.run import compile_plan, execute
+    from curate.fetch.reasons import RETRYABLE
+    from curate.recipe import _apply_override, _validate
+
+    write_json(output / "_work" / RETRY_RECORD, record)  # read again if the retry is interrupted
+    data = record["recipe"]["resolved"]
+    file = Path(record["recipe"]["file"])
+    data = {**data, "output": {**data["output"], "path": str(output)}}
+    for override in overrides or []:
+        _apply_override(data, override, file)
+    plan = compile_plan(_validate(data, file))
+    plan.redo = {stage.name: RETRYABLE for stage in plan.stages if stage.fetches_urls}
+    started = time.perf_counter()
+    manifest = execute(plan, console, address=address, verbose=verbose, progress=progress, lock=False, judge=False)
+    keys = record["keys"]
+    drops = sample_drops(read_drops(output / manifest["drop_log"]["path"]))
+    retried = drops.filter(pc.is_in(drops.column("key"), value_set=pa.array(sorted(keys), pa.string())))
+    fetchers = pa.array([s.name for s in plan.stages if s.fetches_urls], pa.string())
+    again = retried.filter(pc.is_in(retried.column("stage"), value_set=fetchers))
+    manifest["retries"] = [*record["previous"], {
+        "attempt": record["attempt"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "retried_rows": len(keys),
+        "retried_by_reason": dict(sorted(Counter(keys.values()).items())),
+        "recovered_rows": len(keys) - again.num_rows,  # fetched this time (the selection may drop some)
+        "kept_rows": len(keys) - retried.num_rows,
+        "dropped_again": dict(sorted(Counter(again.column("reason").to_pylist()).items())),
+        "seconds": round(time.perf_counter() - started, 3),
+        "decisions": manifest.get("decisions", {}),
+    }]
+    validate_manifest(manifest)
+    write_json(output / "manifest.json", manifest)
+    (output / "_work" / RETRY_RECORD).unlink(missing_ok=True)
+    if (output / "_work").exists() and not any((output / "_work").iterdir()):
+        (output / "_work").rmdir()
+    return manifest
 
 
 def _run_subset(manifest: dict[str, Any], keys: dict[str, str], out: Path, console: Console, overrides: list[str],

@@ -406,15 +406,19 @@ def _refuse_to_delete_a_precious_folder(plan: Plan) -> None:
 
 def execute(plan: Plan, console: Console, address: str | None = None, verbose: bool = False,
             overwrite: bool = False, progress: bool = True, break_lock: bool = False,
-            judge: bool = True) -> dict[str, Any]:
+            judge: bool = True, lock: bool = True) -> dict[str, Any]:
     """Run the plan to completion (resuming earlier work) and return the manifest.
 
     The output folder's lock is held throughout (curate/engine/lock.py): while another live process
-    holds it, OutputLocked is raised before anything is read or written, unless `break_lock`.
+    holds it, OutputLocked is raised before anything is read or written, unless `break_lock` (or
+    `lock` is off: the caller holds it).
     With `judge`, a run that kept too little ends with a warning, or KeptTooLittle under
     `output.strict` (the CLI judges after printing its summary instead).
     """
     storage.configure(plan.storage_config)  # the driver's reads of plain URLs; workers get the same config
+    if not lock:  # the caller holds the folder's lock (a retry)
+        manifest = _execute(plan, console, address, verbose, overwrite, progress)
+        return judge_yield(manifest, console) if judge else manifest
     with OutputLock(plan.layout.root, break_lock=break_lock,
                     say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)):
         manifest = _execute(plan, console, address, verbose, overwrite, progress)
