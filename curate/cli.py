@@ -29,14 +29,21 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _run_recipe(recipe: str, overrides: list[str], address: Optional[str], dry_run: bool, overwrite: bool,
-                verbose: bool, progress: bool, break_lock: bool = False) -> Optional[dict]:
+                verbose: bool, progress: bool, break_lock: bool = False, pool: Optional[str] = None,
+                what_if: bool = False) -> Optional[dict]:
     from curate.engine.run import compile_plan, execute
     from curate.recipe import load_recipe
     from curate.stage import StageFailure
 
     try:
-        plan = compile_plan(load_recipe(recipe, overrides), require_weights=not dry_run,
-                            peek_rows=PEEK_ROWS if dry_run else 0)
+        plan = compile_plan(load_recipe(recipe, overrides), require_weights=not (dry_run or what_if),
+                            peek_rows=PEEK_ROWS if dry_run else 0, pool=pool)
+        if what_if:
+            from curate.engine.whatif import render_what_if
+            from curate.engine.whatif import what_if as funnel_of
+
+            render_what_if(funnel_of(plan), console)
+            return None
         if dry_run:
             from curate.redact import redact_data
 
@@ -81,10 +88,17 @@ def run(
     sample: Optional[float] = typer.Option(None, "--sample", min=0.0, max=1.0, help="Trial: a seeded sample of "
                                            "this fraction of the input rows (a bigger one holds a smaller one)."),
     seed: int = typer.Option(0, "--seed", help="The seed of --sample."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Build this output from another output's pool and "
+                                       "annotations (read only): only what this recipe adds is fetched, computed "
+                                       "and stored here."),
+    what_if: bool = typer.Option(False, "--what-if", help="Print the funnel these settings would give from the "
+                                 "output's pool, with the changes against the output as it is; write nothing."),
 ) -> None:
-    """Run RECIPE: fetch, filter and write shards plus a manifest. A re-run resumes or does nothing."""
+    """Run RECIPE: fetch, filter and write shards plus a manifest. A re-run resumes, does nothing, or (a changed
+    recipe) re-selects from the output's pool, computing only what the change needs."""
     overrides = [*set_, *_trial_overrides(limit, sample, seed), *(["output.strict=true"] if strict else [])]
-    manifest = _run_recipe(recipe, overrides, address, dry_run, overwrite, verbose, progress, break_lock=break_lock)
+    manifest = _run_recipe(recipe, overrides, address, dry_run, overwrite, verbose, progress, break_lock=break_lock,
+                           pool=pool, what_if=what_if)
     if manifest is not None:
         _summarize(manifest)
         _judge(manifest)

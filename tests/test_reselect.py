@@ -307,3 +307,49 @@ def test_pool_builds_a_new_output_from_another_without_touching_it(web, tmp_path
     assert hits(server) == before
 
     shutil.rmtree(tmp_path / "fresh")
+
+
+def test_what_if_prints_the_funnel_the_next_run_gives_and_writes_nothing(web, tmp_path):
+    from curate.engine.whatif import WhatIfNeedsARun, what_if
+
+    server, url_list = web
+    file = recipe_file(tmp_path, url_list)
+    first = run(file)
+    state = folder_digest(tmp_path / "out")
+    before = hits(server)
+    settings = ["stages.basic_filter.min_side=70", "stages.clip_score.min_score=0.0", "stages.dedup_exact.keep=[source_order]"]
+    predicted = what_if(compile_plan(load_recipe(file, settings)))
+    assert folder_digest(tmp_path / "out") == state and hits(server) == before  # nothing written, nothing fetched
+    assert predicted["current"]["output_rows"] == first["reconciliation"]["output_rows"]
+    following = run(file, *settings)
+    assert [(s["name"], s["rows_in"], s["rows_out"], s["dropped"]) for s in predicted["stages"]] == [
+        (s["name"], s["rows_in"], s["rows_out"], s["dropped"]) for s in following["stages"]]
+    assert predicted["output_rows"] == following["reconciliation"]["output_rows"]
+
+    # the command line prints it, with the changes against the output as it is now
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    shown = CliRunner().invoke(app, ["run", str(file), "--what-if", "--set", "stages.basic_filter.min_side=32"])
+    assert shown.exit_code == 0, shown.output
+    assert "would keep" in shown.output and "nothing was written" in shown.output
+    assert folder_digest(tmp_path / "out") != state  # the real run above rewrote the output, the what-if did not
+    state = folder_digest(tmp_path / "out")
+
+    # a loosened gate: the rows it now lets through are counted apart, not guessed
+    gated_out = f"output.path={tmp_path / 'gated'}"
+    gated = run(file, gated_out, "gates=[basic_filter]", "stages.basic_filter.min_side=70")
+    state = folder_digest(tmp_path / "gated")
+    loosened = what_if(compile_plan(load_recipe(file, [gated_out, "gates=[basic_filter]",
+                                                       "stages.basic_filter.min_side=32"])))
+    clip = next(s for s in loosened["stages"] if s["name"] == "clip_score")
+    assert clip["not_annotated"] == gated["stages"][2]["dropped"]["too_small"] - sum(
+        1 for body, _ in IMAGES.values() if min(Image.open(io.BytesIO(body)).size) < 32) > 0
+    assert folder_digest(tmp_path / "gated") == state
+    before = hits(server)
+
+    # settings that need new annotations are refused, naming the stage
+    with pytest.raises(WhatIfNeedsARun, match="clip_score"):
+        what_if(compile_plan(load_recipe(file, ["stages.clip_score.caption=x"])))
+    assert hits(server) == before

@@ -647,8 +647,9 @@ def _image_stage(plan: Plan) -> str | None:
 
 
 def _select(plan: Plan, segment: SegmentSpec, shards: int, resources: dict[str, float], context: StageContext,
-            on_progress: Any) -> list[dict[str, Any]]:
-    """Run one selection segment over every work shard not done yet (one Ray task each)."""
+            on_progress: Any, in_driver: bool | None = None) -> list[dict[str, Any]]:
+    """Run one selection segment over every work shard not done yet: in this process up to
+    SELECT_IN_DRIVER_UP_TO shards (or as `in_driver` says), else one Ray task each."""
     layout, recipe = plan.layout, plan.loaded.recipe
     pending = [s for s in range(shards) if not layout.marker(segment.name, s).exists()]
     for shard in range(shards):
@@ -668,7 +669,9 @@ def _select(plan: Plan, segment: SegmentSpec, shards: int, resources: dict[str, 
         on_progress(marker["rows_in"])
         crash_if_asked(segment.name, shard)
 
-    if len(pending) <= SELECT_IN_DRIVER_UP_TO:
+    if in_driver is None:
+        in_driver = len(pending) <= SELECT_IN_DRIVER_UP_TO
+    if in_driver:
         # A few hundred shards of annotations select in seconds here; a Ray worker would first spend
         # about as long importing the stages' modules (torch, open_clip) as the whole selection takes.
         for shard in pending:

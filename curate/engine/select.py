@@ -41,7 +41,11 @@ class SegmentSpec:
     decision: str | None = None  # the decision file of the corpus-wide stage that opens the segment
     corpus_stage: str | None = None
     corpus: StageSpec | None = None  # that stage itself, for its decision
+    # live rows a stage never annotated: an error ("raise"), or dropped as NOT_ANNOTATED (a what-if counts them)
+    unannotated: str = "raise"
 
+
+NOT_ANNOTATED = "not_annotated"  # a what-if's count of rows a run would annotate first
 
 @dataclass(frozen=True)
 class SegmentShard:
@@ -72,7 +76,7 @@ def select_shard(spec: SegmentSpec, files: SegmentShard, context: StageContext,
             for stage in stages:
                 if batch.num_rows == 0:
                     break
-                batch, drops = _apply(stage, batch, hard.get(stage.name), stats[stage.name])
+                batch, drops = _apply(stage, batch, hard.get(stage.name), stats[stage.name], spec.unannotated)
                 if drops.num_rows:
                     drop_tables.append(drops)
             kept_tables.append(batch)
@@ -126,15 +130,16 @@ def _hard_drops(providers: list[Provider], names: set[str]) -> dict[str, dict[st
 
 
 def _apply(stage: Stage, batch: pa.Table, hard: dict[str, tuple] | None, stats: StageStats,
-           ) -> tuple[pa.Table, pa.Table]:
+           unannotated: str = "raise") -> tuple[pa.Table, pa.Table]:
     """One stage's hard drops, then its criteria, over the live rows of `batch`; return (kept, drops)."""
     started = time.perf_counter()
     if hard is not None:
         entries = [hard.get(key) for key in batch.column("key").to_pylist()]
         missing = [key for key, entry in zip(batch.column("key").to_pylist(), entries) if not entry or not entry[0]]
-        if missing:
+        if missing and unannotated == "raise":
             raise RuntimeError(f"{len(missing)} live rows were never annotated by {stage.name!r} "
                                f"(e.g. {missing[0]}); run again with --overwrite")
+        entries = [e if e and e[0] else (False, NOT_ANNOTATED, "a run annotates this row first") for e in entries]
         rows_in = batch.num_rows
         batch, hard_drops = split_drops(with_drops(batch, [e[1] for e in entries], [e[2] for e in entries]),
                                         stage.name)
