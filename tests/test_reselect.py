@@ -317,7 +317,8 @@ def test_what_if_prints_the_funnel_the_next_run_gives_and_writes_nothing(web, tm
     first = run(file)
     state = folder_digest(tmp_path / "out")
     before = hits(server)
-    settings = ["stages.basic_filter.min_side=70", "stages.clip_score.min_score=0.0", "stages.dedup_exact.keep=[source_order]"]
+    settings = ["stages.basic_filter.min_side=70", "stages.clip_score.min_score=0.0",
+                "stages.dedup_exact.keep=[source_order]"]
     predicted = what_if(compile_plan(load_recipe(file, settings)))
     assert folder_digest(tmp_path / "out") == state and hits(server) == before  # nothing written, nothing fetched
     assert predicted["current"]["output_rows"] == first["reconciliation"]["output_rows"]
