@@ -24,7 +24,11 @@ Declarations the engine reads (it never names a stage): `scope` (per "sample" or
 which Params fields are `annotation_params` (they change computed values and are
 part of the annotation's fingerprint) or `selection_params` (thresholds and
 policies: changing one never recomputes anything). Every field is one or the
-other. A stage with `write_transform` changes image bytes at the write
+other. Of the annotation params, `speed_params` only set the pace (left out of
+the fingerprint), `admission_params` decide which rows are admitted (left out of
+the fingerprint; `readmits()` names the earlier drops a change may cure, which the
+engine computes again), and `pool_params` define the pool's images (an output
+cannot change them in place). A stage with `write_transform` changes image bytes at the write
 (`transform(batch)`, e.g. face blurring), from what it annotated.
 
 A batch is an Arrow table of unified samples (curate.schema.SAMPLE_SCHEMA). The
