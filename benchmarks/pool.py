@@ -268,16 +268,22 @@ def describe_images(rows: list[dict]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the web
 
 def serve(args: argparse.Namespace) -> None:
-    """Subprocess mode: serve the image set, print one JSON line when ready, stop at EOF on stdin."""
+    """Subprocess mode: serve the image set, print one JSON line when ready; each line on stdin asks for the
+    number of requests answered so far (one JSON line back); stop at EOF on stdin."""
     sys.path.insert(0, str(REPO))
     from curate.demo.server import LoopbackServer, Route
 
     folder = Path(args.workdir) / f"images-n{args.images}-seed{args.seed}"
     rows = json.loads((folder / "index.json").read_text())
-    routes = {r["route"]: Route(body=(folder / r["file"]).read_bytes()) for r in rows if r["file"] is not None}
+    # the 404s (missing images, robots.txt) as routes answering what an unknown path gets, so they are counted too
+    missing = {"body": b"not found", "status": 404, "content_type": "text/plain"}
+    routes = {r["route"]: Route(body=(folder / r["file"]).read_bytes()) if r["file"] is not None else Route(**missing)
+              for r in rows}
+    routes["/robots.txt"] = Route(**missing)
     with LoopbackServer(routes) as server:
         print(json.dumps({"base_url": server.base_url}), flush=True)
-        sys.stdin.read()
+        for _ in sys.stdin:
+            print(json.dumps({"requests": sum(route.hits for route in routes.values())}), flush=True)
 
 
 class Server:
@@ -288,6 +294,12 @@ class Server:
             [sys.executable, __file__, "--serve", "--images", str(args.images), "--seed", str(args.seed),
              "--workdir", str(args.workdir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.base_url = json.loads(self.process.stdout.readline())["base_url"]
+
+    def requests(self) -> int:
+        """Requests the server answered so far (images, 404s and robots.txt)."""
+        self.process.stdin.write("requests\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())["requests"]
 
     def close(self) -> None:
         """Stop the server (EOF on its stdin)."""

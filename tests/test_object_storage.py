@@ -233,7 +233,7 @@ def test_an_s3_run_writes_the_local_runs_shards_into_the_bucket(runs, s3):
     keys = s3_keys(filesystem, "runs/whole")
     expected = {f"{BUCKET}/runs/whole/{s['path']}" for s in remote["outputs"]["shards"]}
     pool = {key for key in keys if key.startswith(f"{BUCKET}/runs/whole/_pool/")}  # kept in the bucket too
-    assert {key.split("/_pool/", 1)[1].split("/")[0] for key in pool} == {"input", "annotations"}
+    assert {key.split("/_pool/", 1)[1].split("/")[0] for key in pool} == {"input", "annotations", "pool.json"}
     assert set(keys) - pool == expected | {f"{BUCKET}/runs/whole/manifest.json", f"{BUCKET}/runs/whole/drops.parquet",
                                            f"{BUCKET}/runs/whole/webdataset/sizes.json"}
     with filesystem.open_input_stream(f"{BUCKET}/runs/whole/webdataset/sizes.json") as stream:
@@ -309,3 +309,25 @@ def test_a_killed_s3_run_resumes_in_the_bucket_to_the_same_shards(runs, s3):
         assert SECRET not in process.stdout + process.stderr
     verified = cli("verify", output, endpoint=endpoint)
     assert verified.returncode == 0, verified.stderr
+
+
+def test_an_s3_output_reselects_in_the_bucket_with_no_request_and_deletes_what_it_no_longer_has(runs, s3):
+    """Last in this file: it changes the bucket's output that the tests above read."""
+    server, folder, _, _ = runs
+    endpoint, filesystem = s3
+    before = sum(route.hits for route in server.routes.values())
+    fewer = [*SETTINGS, "output.formats=[parquet]", "stages.basic_filter.min_side=100"]
+    local = execute(compile_plan(load_recipe(DEMO_RECIPE, [
+        f"source.path={folder / 'urls.parquet'}", f"output.path={folder / 'fewer'}", *fewer])),
+        Console(file=io.StringIO()), progress=False)
+    hits_local = sum(route.hits for route in server.routes.values())
+    again = execute(compile_plan(load_recipe(DEMO_RECIPE, [
+        f"source.path=s3://{BUCKET}/input/urls.parquet", f"output.path=s3://{BUCKET}/runs/whole",
+        f"storage.endpoint_url={endpoint}", *fewer])), Console(file=io.StringIO()), progress=False, judge=False)
+    assert sum(route.hits for route in server.routes.values()) == hits_local  # the bucket's pool served it
+    assert hits_local > before  # the local output fetched its images: the bucket's run did not need to
+    assert again["reconciliation"]["ok"] and shard_digests(again) == shard_digests(local)
+    keys = [key for key in s3_keys(filesystem, "runs/whole") if "/_pool/" not in key]
+    assert not [key for key in keys if "/webdataset/" in key]  # the format it no longer writes is gone
+    assert {key.split("/runs/whole/", 1)[1] for key in keys} == {s["path"] for s in again["outputs"]["shards"]} | {
+        "manifest.json", "drops.parquet"}
