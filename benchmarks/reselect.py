@@ -185,7 +185,8 @@ def run_step(name: str, command: list[str], args: argparse.Namespace, server: Se
     server_cpu = (proc_stat(server.process.pid)[2] - served) / TICKS
     bench_cpu = sum(os.times()[:2]) - own
     run = {"name": name, "exit_code": code, "process_s": round(wall, 2), "cpu_s": round(cpu, 1),
-           "server_cpu_s": round(server_cpu, 1), "other_cpu_s": round(max(0.0, machine - cpu - server_cpu - bench_cpu), 1),
+           "server_cpu_s": round(server_cpu, 1),
+           "other_cpu_s": round(max(0.0, machine - cpu - server_cpu - bench_cpu), 1),
            "peak_rss_mib": round(sampler.peak_rss / 2**20), "lingering_pids": lingering,
            "requests": server.requests() - requests_before, "waited_for_quiet_s": waited,
            "other_cores_at_start": cores, "load_before": load_before, "started_at": started_at, "log": str(log)}
@@ -314,7 +315,8 @@ def report(result: dict[str, Any]) -> str:
              f"| CPU time of other processes meanwhile, s | {cell(first['other_cpu_s'])} | "
              f"{cell(reselect['other_cpu_s'])} | {cell(whatif['other_cpu_s'])} | {cell(cli['other_cpu_s'])} |",
              f"| peak RSS of the process tree, MiB | {cell(first['peak_rss_mib'], 0)} | "
-             f"{cell(reselect['peak_rss_mib'], 0)} | {cell(whatif['peak_rss_mib'], 0)} | {cell(cli['peak_rss_mib'], 0)} |",
+             f"{cell(reselect['peak_rss_mib'], 0)} | {cell(whatif['peak_rss_mib'], 0)} | "
+             f"{cell(cli['peak_rss_mib'], 0)} |",
              f"| requests to the image server | {cell(first['requests'], 0)} | {cell(reselect['requests'], 0)} | "
              f"{cell(whatif['requests'], 0)} | {cell(cli['requests'], 0)} |",
              f"| kept rows | {cell(first['kept'], 0)} | {cell(reselect['kept'], 0)} | {cell(whatif['kept'], 0)} | "
@@ -323,9 +325,11 @@ def report(result: dict[str, Any]) -> str:
     ratios = [
         "| ratio (of the medians) | value | goal |", "| --- | ---: | --- |",
         f"| **re-selection ÷ first run**, `execute` | **{quotient(reselect['work_s'], first['work_s'])}** | ≤ 0.25 |",
-        f"| re-selection ÷ first run, after Ray's start | {quotient(reselect['after_ray_start_s'], first['after_ray_start_s'])} | |",
+        f"| re-selection ÷ first run, after Ray's start | "
+        f"{quotient(reselect['after_ray_start_s'], first['after_ray_start_s'])} | |",
         f"| re-selection ÷ first run, whole process | {quotient(reselect['process_s'], first['process_s'])} | |",
-        f"| **what-if (in process, the call) ÷ first run** `execute` | **{quotient(whatif['work_s'], first['work_s'])}** | |",
+        f"| **what-if (in process, the call) ÷ first run** `execute` | "
+        f"**{quotient(whatif['work_s'], first['work_s'])}** | |",
         f"| what-if (in process, compile + call) ÷ first run `execute` | "
         f"{quotient(whatif['work_s'] + whatif['compile_s'], first['work_s'])} | |",
         f"| **what-if (CLI process) ÷ first run** `execute` | **{quotient(cli['work_s'], first['work_s'])}** | |",
@@ -346,7 +350,8 @@ def report(result: dict[str, Any]) -> str:
         for step in STEPS:
             r = repeat[step]
             run_lines.append(f"| {r['name']} | {r['work_s']:.2f} | {r.get('ray_start_s', float('nan')):.1f} | "
-                             f"{r['process_s']:.2f} | {r['cpu_s']:.1f} | {r['other_cpu_s']:.1f} | {r['peak_rss_mib']} | "
+                             f"{r['process_s']:.2f} | {r['cpu_s']:.1f} | {r['other_cpu_s']:.1f} | "
+                             f"{r['peak_rss_mib']} | "
                              f"{r['requests']} | {r['kept']:,} | {r['other_cores_at_start']} "
                              f"({r['waited_for_quiet_s']}) | {r['load_before']} |")
     parts.append("\n".join(run_lines))

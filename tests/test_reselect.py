@@ -296,6 +296,12 @@ def test_pool_builds_a_new_output_from_another_without_touching_it(web, tmp_path
                 "output.formats=[parquet]")
     assert output_bytes(subset) == output_bytes(fresh_folder / "out")
     assert funnel(made) == funnel(fresh)
+    from curate.report.distributions import read_annotation_distributions
+
+    seen = read_annotation_distributions(subset)  # curate inspect reads the annotations where the run found them
+    clip = next(m for m in seen.metrics if m.stage == "clip_score")
+    assert clip.annotated == made["pool"]["annotations"]["clip_score"]["reused_rows"] > 0
+    assert clip.kept.size == made["reconciliation"]["output_rows"]
 
     # a recipe that needs one more annotation stores only that one in the new output
     before = hits(server)

@@ -164,7 +164,8 @@ def read_annotation_distributions(root: Any, manifest: dict[str, Any] | None = N
         metrics = stage.metrics()
         if metrics:
             thresholds = [*stage.thresholds(), *_decided(manifest, metrics)]
-            result.metrics += _read_stage(layout, name, metrics, thresholds, index, result.notes)
+            result.metrics += _read_stage(layout, name, metrics, thresholds, index, result.notes,
+                                          _files_elsewhere(layout, manifest, name))
     return result
 
 
@@ -204,9 +205,28 @@ def _tables(folder: Any) -> tuple[list[Any], int]:
     return [tables[shard] for shard in sorted(tables)], max(markers, len(tables))
 
 
+def _files_elsewhere(layout: RunLayout, manifest: dict[str, Any], name: str) -> tuple[list[Any], int] | None:
+    """For an output made with --pool: each work shard's table of stage `name`, from this output's pool or the
+    one it reads, as the run chose them (None: the output reads its own pool only)."""
+    pool = manifest.get("pool") or {}
+    if not pool.get("reads"):
+        return None
+    from curate.engine.reuse import PoolPlaces
+    from curate.engine.split import INPUT_PHASE
+
+    entry = (pool.get("annotations") or {}).get(name)
+    fingerprint = entry.get("fingerprint") if isinstance(entry, dict) else entry
+    places = PoolPlaces(layout, RunLayout(pool["reads"]))
+    summary = places.split.phase_dir(INPUT_PHASE) / "_SUCCESS.json"
+    shards = read_json(summary)["shards"] if summary.exists() else 0
+    files = [storage.location(places.table_file(name, shard, fingerprint)) for shard in range(shards)]
+    return [file for file in files if file.exists()], shards
+
+
 def _read_stage(layout: RunLayout, name: str, metrics: list[Metric], thresholds: list[Threshold],
-                index: DropIndex, notes: list[str]) -> list[MetricDistribution]:
-    files, shards = _tables(layout.pool / layout.annotation_phase(name))
+                index: DropIndex, notes: list[str],
+                elsewhere: tuple[list[Any], int] | None = None) -> list[MetricDistribution]:
+    files, shards = elsewhere or _tables(layout.pool / layout.annotation_phase(name))
     if not files:
         notes.append(f"{name}: no annotation tables in the pool")
         return []
