@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate import registry, schema, storage
 from curate.engine.apply import StageStats, split_drops
@@ -116,33 +117,35 @@ def _input_batches(files: SegmentShard):
         yield without_image_bytes(schema.conform(batch))
 
 
-def _hard_drops(providers: list[Provider], names: set[str]) -> dict[str, dict[str, tuple[bool, str | None,
-                                                                                           str | None]]]:
-    """Per stage of the segment: key -> (annotated, hard drop reason, detail), from its annotation table."""
-    found = {}
-    for provider in providers:
-        if provider.stage not in names:
-            continue
-        table = storage.read_table(provider.file, columns=["key", ANNOTATED, REASON, DETAIL])
-        found[provider.stage] = {key: (bool(annotated), reason, detail) for key, annotated, reason, detail in zip(
-            *(table.column(c).to_pylist() for c in ("key", ANNOTATED, REASON, DETAIL)))}
-    return found
+def _hard_drops(providers: list[Provider], names: set[str]) -> dict[str, pa.Table]:
+    """Per stage of the segment: its annotation table's key, _annotated, _reason and _detail columns."""
+    return {provider.stage: storage.read_table(provider.file, columns=["key", ANNOTATED, REASON, DETAIL])
+            for provider in providers if provider.stage in names}
 
 
-def _apply(stage: Stage, batch: pa.Table, hard: dict[str, tuple] | None, stats: StageStats,
+def _looked_up(hard: pa.Table, keys: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """(annotated, reason, detail) of each key, from a stage's annotation table (annotated false: not there)."""
+    positions = pc.index_in(keys, value_set=hard.column("key"))
+    annotated = pc.fill_null(pc.take(hard.column(ANNOTATED), positions), False)
+    return (annotated.combine_chunks() if isinstance(annotated, pa.ChunkedArray) else annotated,
+            pc.take(hard.column(REASON), positions), pc.take(hard.column(DETAIL), positions))
+
+
+def _apply(stage: Stage, batch: pa.Table, hard: pa.Table | None, stats: StageStats,
            unannotated: str = "raise") -> tuple[pa.Table, pa.Table]:
     """One stage's hard drops, then its criteria, over the live rows of `batch`; return (kept, drops)."""
     started = time.perf_counter()
     if hard is not None:
-        entries = [hard.get(key) for key in batch.column("key").to_pylist()]
-        missing = [key for key, entry in zip(batch.column("key").to_pylist(), entries) if not entry or not entry[0]]
-        if missing and unannotated == "raise":
-            raise RuntimeError(f"{len(missing)} live rows were never annotated by {stage.name!r} "
-                               f"(e.g. {missing[0]}); run again with --overwrite")
-        entries = [e if e and e[0] else (False, NOT_ANNOTATED, "a run annotates this row first") for e in entries]
+        annotated, reasons, details = _looked_up(hard, batch.column("key"))
+        missing = pc.invert(annotated)
+        if unannotated == "raise" and pc.any(missing).as_py():
+            first = batch.column("key").filter(missing)[0].as_py()
+            raise RuntimeError(f"{pc.sum(missing).as_py()} live rows were never annotated by {stage.name!r} "
+                               f"(e.g. {first}); run again with --overwrite")
+        reasons = pc.if_else(missing, pa.scalar(NOT_ANNOTATED), reasons)
+        details = pc.if_else(missing, pa.scalar("a run annotates this row first"), details)
         rows_in = batch.num_rows
-        batch, hard_drops = split_drops(with_drops(batch, [e[1] for e in entries], [e[2] for e in entries]),
-                                        stage.name)
+        batch, hard_drops = split_drops(with_drops(batch, reasons.to_pylist(), details.to_pylist()), stage.name)
         kept, drops = split_drops(stage.select(batch), stage.name) if batch.num_rows else (batch, hard_drops)
         if batch.num_rows and hard_drops.num_rows:
             drops = pa.concat_tables([hard_drops, drops])
