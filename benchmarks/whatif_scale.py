@@ -39,7 +39,7 @@ column or for every column of a file holding image bytes.
 Timed: `what_if(compile_plan(load_recipe(...)))` with `stages.clip_score.min_score` changed (0.25 ->
 0.28), in a fresh process (imports, compile and the call timed apart), and `curate run RECIPE
 --what-if --set ...` as a subprocess (all included), `--repeats` times each, alternating; peak RSS of
-the process tree (benchmarks/measure.py, every 0.2 s) and the process's own ru_maxrss; bytes read
+the process tree (benchmarks/measure.py, every 0.2 s) and the process's own peak (VmHWM); bytes read
 (/proc/PID/io rchar). Before each run it waits (at most `--quiet-wait` s) for the rest of the machine to
 use at most `--quiet-threshold` cores. With `--profile`, one more in-process run under `python -m
 cProfile` per size, and its top functions in the report. Raw numbers: WORKDIR/results.json.
@@ -135,7 +135,7 @@ ORIGINAL_FORMATS = [("JPEG", "RGB", 0.85), ("PNG", "RGBA", 0.05), ("PNG", "RGB",
 STAGES = ("fetch", "basic_filter", "language", "clip_score", "aesthetic")
 
 RUNNER = r"""
-import json, resource, sys, time
+import json, sys, time
 started = time.perf_counter()
 recipe, result = sys.argv[1:3]
 from curate.engine.run import compile_plan
@@ -148,11 +148,13 @@ found = what_if(plan)
 done = time.perf_counter()
 with open("/proc/self/io") as handle:
     io = dict(line.split(": ") for line in handle.read().splitlines())
+with open("/proc/self/status") as handle:  # VmHWM: this process's peak RSS (ru_maxrss may hold the parent's: vfork)
+    status = dict(line.split(":", 1) for line in handle.read().splitlines() if ":" in line)
 with open(result, "w") as handle:
     json.dump({"import_s": imported - started, "compile_s": compiled - imported, "work_s": done - compiled,
                "reported_s": found["seconds"], "kept": found["output_rows"], "input_rows": found["rows"],
                "funnel": {s["name"]: [s["rows_in"], s["rows_out"], s["dropped"]] for s in found["stages"]},
-               "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "vm_hwm_mib": int(status["VmHWM"].split()[0]) / 1024,
                "read_mb": int(io["rchar"]) / 1e6}, handle)
 """
 
@@ -780,17 +782,17 @@ def top_functions(profile: Path, count: int = 25) -> dict[str, list[dict[str, An
 def report(result: dict[str, Any]) -> str:
     sizes = result["sizes"]
     lines = ["| rows (work shards) | pool on disk, MB | what-if in process: the call, s | compile_plan, s | process, s "
-             "| rows/s (the call) | peak RSS, MiB (tree; ru_maxrss) | read, MB | CLI process, s | CLI rows/s | "
+             "| rows/s (the call) | peak RSS, MiB (tree, sampled; VmHWM) | read, MB | CLI process, s | CLI rows/s | "
              "CLI peak RSS, MiB | kept |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for size in sizes:
         pool, runs, clis = size["pool"], size["in_process"], size["cli"]
-        m = {key: median([r[key] for r in runs]) for key in ("work_s", "compile_s", "process_s", "peak_rss_mib",
-                                                             "ru_maxrss_mib", "read_mb")}
+        m = {key: median([r[key] for r in runs if key in r]) for key in ("work_s", "compile_s", "process_s",
+                                                                         "peak_rss_mib", "vm_hwm_mib", "read_mb")}
         c = {key: median([r[key] for r in clis]) for key in ("process_s", "peak_rss_mib")}
         lines.append(f"| {pool['rows']:,} ({pool['shards']:,}) | {pool['pool_mb']:,.0f} | **{m['work_s']:.1f}** | "
                      f"{m['compile_s']:.1f} | {m['process_s']:.1f} | {pool['rows'] / m['work_s']:,.0f} | "
-                     f"{m['peak_rss_mib']:,.0f}; {m['ru_maxrss_mib']:,.0f} | {m['read_mb']:,.0f} | "
+                     f"{m['peak_rss_mib']:,.0f}; {m['vm_hwm_mib']:,.0f} | {m['read_mb']:,.0f} | "
                      f"**{c['process_s']:.1f}** | {pool['rows'] / c['process_s']:,.0f} | {c['peak_rss_mib']:,.0f} | "
                      f"{runs[0]['kept']:,} |")
     parts = ["\n".join(lines)]
@@ -857,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = in_process(name, args, recipe, pool) if kind == "in_process" else cli(name, args, recipe, pool)
                 size[kind].append(run)
                 print(json.dumps({k: run.get(k) for k in ("work_s", "compile_s", "process_s", "peak_rss_mib",
-                                                          "ru_maxrss_mib", "kept", "rows_per_s")}), flush=True)
+                                                          "vm_hwm_mib", "kept", "rows_per_s")}), flush=True)
         kept = {r["kept"] for r in size["in_process"] + size["cli"]}
         if len(kept) != 1:
             raise RuntimeError(f"the what-ifs disagree on the kept rows: {kept}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -113,7 +114,7 @@ class AnnotateWorker:
                 "alive_in": tally.alive_in.digest(), "alive_out": tally.alive_out.digest(),
                 "annotated": tally.annotated, "computed": tally.computed, "reused": tally.reused,
                 "reasons": _reason_counts(table), "stats": stats[stage.name].to_json(),
-                "models": stage.model_info()}
+                "counters": _counters(target, stats[stage.name]), "models": stage.model_info()}
             unchanged = _unchanged(target, marker, tally, table)
             if not unchanged:
                 write_table(storage.location(target.file), table)
@@ -241,13 +242,22 @@ def all_alive(rows: int) -> str:
     return f"all:{rows}"
 
 
+def _counters(target: AnnotationTarget, stats: StageStats) -> dict[str, int]:
+    """The stage's counters over every row its table holds: the previous table's and this computation's."""
+    total = Counter(stats.counters)
+    if target.previous is not None and target.previous_marker is not None:
+        old = target.previous_marker
+        total.update(old.get("counters", old.get("stats", {}).get("counters", {})))
+    return dict(sorted(total.items()))
+
+
 def _unchanged(target: AnnotationTarget, marker: dict[str, Any], tally: _Tally, table: pa.Table) -> bool:
     """Whether the stage's table and marker would be written as they are (then they stay where they are,
     perhaps in another output's pool)."""
     old = target.previous_marker
     if old is None or target.previous is None or tally.computed:
         return False
-    same = ("fingerprint", "admission", "gate", "alive_in", "alive_out", "annotated", "reasons")
+    same = ("fingerprint", "admission", "gate", "alive_in", "alive_out", "annotated", "reasons", "counters")
     if any(old.get(key) != marker[key] for key in same):
         return False
     if target.gate is None:

@@ -779,12 +779,10 @@ def _collect_stage_stats(source_stats: dict[str, Any], plan: Plan,
                 marker = marker or {}
                 annotated[name] = annotated.get(name, 0) + marker.get("annotated", marker.get("stats", {}).get(
                     "rows_in", 0))
-                if not shard["tables"].get(name, {}).get("written") or "stats" not in marker:
-                    continue  # a table reused as it was: its seconds were spent by an earlier run
-                computed = StageStats.from_json(marker["stats"])
                 entry = totals.setdefault(name, StageStats())
-                entry.seconds += computed.seconds
-                entry.counters.update(computed.counters)
+                entry.counters.update(marker.get("counters", marker.get("stats", {}).get("counters", {})))
+                if shard["tables"].get(name, {}).get("written") and "stats" in marker:
+                    entry.seconds += StageStats.from_json(marker["stats"]).seconds  # reused: an earlier run's
     for marker in outputs:
         for name, counters in marker.get("counters", {}).items():
             totals.setdefault(name, StageStats()).counters.update(counters)
