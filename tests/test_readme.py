@@ -93,9 +93,15 @@ def test_every_usage_command_of_the_readme_runs(web, hub_env):
                                 timeout=600)
         assert result.returncode == 0, f"{shlex.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         ran.append((arguments[0], result))
-    assert [name for name, _ in ran] == ["run", "run", "run", "recipes", "run", "inspect", "verify", "retry", "clean",
-                                         "diff", "publish", "export"]
-    assert "deleted" in ran[8][1].stdout and not (web / "out" / "_pool").exists()
+    assert [name for name, _ in ran] == ["run", "run", "run", "recipes", "run", "inspect", "run", "run", "run",
+                                         "verify", "retry", "clean", "diff", "publish", "export"]
+    assert "kept and dropped" in ran[5][1].stdout.lower() or "annotation" in ran[5][1].stdout.lower()
+    assert "would keep" in ran[6][1].stdout and "nothing was written" in ran[6][1].stdout  # --what-if
+    assert "re-selecting" in ran[7][1].stdout  # the re-run served from the pool
+    subset = json.loads((web / "out-top10" / "manifest.json").read_text())
+    assert subset["pool"]["reads"] == str(web / "out-datacomp") and subset["reconciliation"]["ok"]
+    assert all(entry["computed_rows"] == 0 for entry in subset["pool"]["annotations"].values())
+    assert "deleted" in ran[11][1].stdout and not (web / "out" / "_pool").exists()
     out = json.loads((web / "out" / "manifest.json").read_text())
     assert out["retries"][0]["recovered_rows"] == 1  # the 503s were retried and merged in
     assert out["reconciliation"]["ok"] and out["reconciliation"]["output_rows"] == 41
