@@ -98,9 +98,12 @@ def test_every_usage_command_of_the_readme_runs(web, hub_env):
     assert "kept and dropped" in ran[5][1].stdout.lower() or "annotation" in ran[5][1].stdout.lower()
     assert "would keep" in ran[6][1].stdout and "nothing was written" in ran[6][1].stdout  # --what-if
     assert "re-selecting" in ran[7][1].stdout  # the re-run served from the pool
+    assert json.loads((web / "out" / "manifest.json").read_text())["recipe"]["resolved"]["stages"]["basic_filter"][
+        "min_side"] == 256
     subset = json.loads((web / "out-top10" / "manifest.json").read_text())
     assert subset["pool"]["reads"] == str(web / "out-datacomp") and subset["reconciliation"]["ok"]
     assert all(entry["computed_rows"] == 0 for entry in subset["pool"]["annotations"].values())
+    assert subset["device"]["ray"] is False  # nothing to annotate, a few work shards: run in one process
     assert "deleted" in ran[11][1].stdout and not (web / "out" / "_pool").exists()
     out = json.loads((web / "out" / "manifest.json").read_text())
     assert out["retries"][0]["recovered_rows"] == 1  # the 503s were retried and merged in

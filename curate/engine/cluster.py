@@ -96,12 +96,18 @@ def faiss_backend() -> str:
     return "gpu" if get_num_gpus is not None and get_num_gpus() > 0 else "cpu"
 
 
+def this_process() -> dict[str, float]:
+    """The resources of this machine, for a step that runs in this process without Ray (a re-selection)."""
+    return {"CPU": float(os.cpu_count() or 1)}
+
+
 def device_summary(resources: dict[str, float]) -> dict[str, object]:
     """What the manifest records about where the run executed."""
     return {
         "cpus": resources.get("CPU", 0.0),
         "gpus": resources.get("GPU", 0.0),
-        "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+        "nodes": len([n for n in ray.nodes() if n.get("Alive")]) if ray.is_initialized() else 1,
         "accelerator": "gpu" if resources.get("GPU", 0.0) > 0 else "cpu",
+        "ray": ray.is_initialized(),
         "faiss": faiss_backend(),
     }

@@ -448,14 +448,7 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
     if state == "resume":
         console.print(f"[yellow]resuming[/] the unfinished run in {layout.root}")
 
-    resources = cluster.connect(address or recipe.engine.address, verbose=verbose)
-    device = cluster.device_summary(resources)
-    if device["accelerator"] == "cpu" and any(s.resources.gpus for s in plan.stages):
-        console.print("[bold yellow]No GPU in the cluster: model stages run on CPU (slower).[/]")
     timings: dict[str, float] = {}
-    context = StageContext(recipe_dir=str(plan.loaded.directory), work_dir=str(layout.work),
-                           on_sample_error=recipe.engine.on_sample_error, device=device["accelerator"])
-
     with phase_progress(console, enabled=progress) as bars:
         phase_started = time.perf_counter()
         if plan.places.split is layout:
@@ -466,6 +459,16 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
             write_json(record_file(layout), {**plan.record, "pool": str(plan.places.other.root)})
         timings[INPUT_PHASE] = time.perf_counter() - phase_started
         shards, source_stats = split["shards"], split["stats"]
+        # A re-selection with nothing to annotate and few work shards runs in this process: no Ray to start.
+        local = (state in ("reselect", "complete") or plan.places.other is not None) and \
+            shards <= SELECT_IN_DRIVER_UP_TO and not _annotation_pending(plan, shards)
+        resources = cluster.this_process() if local else cluster.connect(address or recipe.engine.address,
+                                                                          verbose=verbose)
+        device = cluster.device_summary(resources)
+        if device["accelerator"] == "cpu" and any(s.resources.gpus for s in plan.stages) and not local:
+            console.print("[bold yellow]No GPU in the cluster: model stages run on CPU (slower).[/]")
+        context = StageContext(recipe_dir=str(plan.loaded.directory), work_dir=str(layout.work),
+                               on_sample_error=recipe.engine.on_sample_error, device=device["accelerator"])
         annotation_markers: dict[str, list[dict[str, Any]]] = {}
         for group in plan.groups:
             task = bars.add_task(group.name, total=source_stats["rows_out"])
@@ -481,10 +484,11 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
             phase_started = time.perf_counter()
             if segment.corpus is not None:
                 worker_plan = _corpus_worker_plan(plan, segment, resources, device, shards)
-                decisions[segment.corpus_stage] = _decide(segment, layout, shards, context, worker_plan)
+                decisions[segment.corpus_stage] = _decide(segment, layout, shards, context, worker_plan, local)
                 crash_if_asked(f"decide-{segment.corpus_stage}", 0)
             select_markers[segment.name] = _select(plan, segment, shards, resources, context,
-                                                   lambda rows, task=task: bars.advance(task, rows))
+                                                   lambda rows, task=task: bars.advance(task, rows),
+                                                   in_driver=True if local else None)
             timings[segment.name] = time.perf_counter() - phase_started
 
         final_files = [layout.shard_file(plan.segments[-1].name, s) for s in range(shards)]
@@ -499,7 +503,7 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
                                 images=_pool_images(plan, shards),
                                 transforms=[_spec(s) for s in plan.stages if s.write_transform],
                                 release=None if recipe.engine.keep_pool else _release_pool(plan, layout),
-                                context=context)
+                                context=context, in_process=local)
         timings["write"] = time.perf_counter() - phase_started
 
     split_layout = plan.places.split
@@ -593,6 +597,21 @@ def _annotate(plan: Plan, group: AnnotationGroup, shards: int, resources: dict[s
     if found:
         found[0]["set_up"] = set_up
     return found
+
+
+def _annotation_pending(plan: Plan, shards: int) -> bool:
+    """Whether any annotation group has work on any shard, as the pool's markers stand now."""
+    for group in plan.groups:
+        objects = [next(s for s in plan.stages if s.name == spec.name) for spec in group.stages]
+        before = _stages_before(plan, group.stages[0].name)
+        for shard in range(shards):
+            expected = None
+            if before:
+                _, marker = plan.places.table(before[-1].name, shard, plan.fingerprints[before[-1].name])
+                expected = (marker or {}).get("alive_out", "(unknown)")
+            if plan_shard(plan.places, objects, plan.fingerprints, group.gates, shard, expected, plan.redo).pending:
+                return True
+    return False
 
 
 def _forget_blocked(plan: Plan, group: AnnotationGroup, shards: int) -> None:
@@ -728,10 +747,13 @@ def judge_yield(manifest: dict[str, Any], console: Console) -> dict[str, Any]:
 
 
 def _decide(segment: SegmentSpec, layout: RunLayout, shards: int, context: StageContext,
-            worker_plan: cluster.WorkerPlan) -> dict[str, Any]:
-    """Run a corpus stage's decision as one Ray task over the rows the segment before kept (reused when a resumed
-    run finds it saved)."""
+            worker_plan: cluster.WorkerPlan, local: bool = False) -> dict[str, Any]:
+    """Run a corpus stage's decision as one Ray task (in this process when `local`) over the rows the segment
+    before kept (reused when a resumed run finds it saved)."""
     files = [str(layout.shard_file(segment.input_segment, s)) for s in range(shards)]
+    if local:
+        return decide(segment.corpus.target, segment.corpus.params, context, files, str(layout.phase_dir(segment.name)),
+                      storage.current_config())
     remote = ray.remote(decide).options(num_cpus=worker_plan.cpus_per_worker, num_gpus=worker_plan.gpus_per_worker,
                                         max_retries=2)  # a lost node: the decision is saved atomically
     try:

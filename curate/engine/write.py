@@ -250,11 +250,13 @@ def write_outputs(
     transforms: list[Any] | None = None,
     release: Callable[[int], None] | None = None,
     context: StageContext | None = None,
+    in_process: bool = False,
 ) -> list[dict[str, Any]]:
     """Plan and write all output shards, skipping those already written; return their markers in order.
 
     `release(shard)` is called for each work shard once every output shard holding its rows is written
-    (at once for a work shard that kept no row), so its pool data can go.
+    (at once for a work shard that kept no row), so its pool data can go. `in_process` writes in this
+    process, one shard after the other, instead of as Ray tasks.
     """
     plan_path = layout.phase_dir(WRITE_PHASE) / "plan.json"
     saved = read_json(plan_path) if plan_path.exists() else None
@@ -289,6 +291,14 @@ def write_outputs(
             if not pending or not pending & {s.index for s in waiting}:
                 pending.clear()
                 release(work_shard)
+    if in_process:  # a small re-selection: no Ray to start for a few shards
+        for shard in waiting:
+            marker = write_output_shard(shard, sinks, str(layout.root), keep_embeddings, storage.current_config(),
+                                        images, transforms, context)
+            on_progress(shard.rows)
+            crash_if_asked(WRITE_PHASE, marker["index"])
+            written(marker["index"])
+        waiting = []
     in_flight: dict[ray.ObjectRef, OutputShard] = {}
     while waiting or in_flight:
         while waiting and len(in_flight) < max_in_flight:
