@@ -2,6 +2,9 @@
 output as it is. Nothing is fetched, computed or written: the selection runs over the pool's annotations in
 this process, its steps in a scratch folder deleted afterwards.
 
+A pool of more than SELECT_IN_DRIVER_UP_TO work shards spreads the selection over Ray tasks, as a
+run does; a smaller one selects in this process without starting Ray.
+
 What the annotations cannot tell is refused (WhatIfNeedsARun, naming each stage and why): a stage whose
 annotations were made with other settings or another model, a stage with none yet, fetch settings that
 would fetch rows again, a trial that takes rows the pool lacks. Rows that a loosened gate now lets through
@@ -63,14 +66,18 @@ def what_if(plan: Any) -> dict[str, Any]:
         context = StageContext(recipe_dir=str(plan.loaded.directory), work_dir=str(scratch),
                                on_sample_error=plan.loaded.recipe.engine.on_sample_error)
         markers: dict[str, list[dict[str, Any]]] = {}
+        resources: dict[str, float] = {}
+        if shards > engine.SELECT_IN_DRIVER_UP_TO:  # a large pool: the selection's shards spread over Ray tasks
+            from curate.engine import cluster
+
+            resources = cluster.connect("local")  # its scratch folder is on this machine
         for segment in segments:
             if segment.corpus is not None:
                 files = [str(view.shard_file(segment.input_segment, s)) for s in range(shards)]
                 _connect_if_needed(segment)
                 decide(segment.corpus.target, segment.corpus.params, context, files,
                        str(view.phase_dir(segment.name)))
-            markers[segment.name] = engine._select(trial, segment, shards, {}, context, lambda rows: None,
-                                                   in_driver=True)
+            markers[segment.name] = engine._select(trial, segment, shards, resources, context, lambda rows: None)
         funnel = _funnel(plan, split["stats"], markers)
         output_rows = sum(m["rows_out"] for m in markers[segments[-1].name])
     finally:
