@@ -30,7 +30,6 @@ from curate.engine.split import INPUT_PHASE, SOURCE_STAGE
 from curate.files import RunLayout, read_json
 from curate.stage import CorpusStage, RecipeError, StageContext
 
-
 IN_PROCESS_ROWS = 200_000  # above, starting Ray (a few seconds) pays for itself on two cores
 
 
