@@ -36,7 +36,9 @@ Per step: wall time of the step's work (`execute`, or the `what_if` call), of Ra
 of the whole subprocess; CPU time of its process tree (benchmarks/measure.py, Ray's daemons included)
 and of every other process meanwhile; peak RSS of the tree; requests the server answered; kept rows.
 Before each step it waits (at most `--quiet-wait` s) for the rest of the machine to use at most
-`--quiet-threshold` cores. Tables show medians; raw numbers: WORKDIR/results.json (and `--json`).
+`--quiet-threshold` cores; a round during one of whose steps they used more (on average) is run again, at
+most `--retries` times (the medians leave out the disturbed rounds). Tables show medians; raw numbers:
+WORKDIR/results.json (and `--json`).
 
     .venv/bin/python benchmarks/reselect.py --images 1000 --repeats 5
     .venv/bin/python benchmarks/reselect.py --images 200 --repeats 1     # smoke
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -132,6 +135,15 @@ STEP_TITLES = {"first": "first run", "reselect": "re-selection", "whatif": "what
 
 # --------------------------------------------------------------------------- settings
 
+def code_state() -> str:
+    """A short digest of the code a run imports (curate/**/*.py, pipelines/*.yaml), taken before each run: the
+    tree is shared, and a change between two runs shows in the runs table."""
+    digest = hashlib.sha256()
+    for path in sorted([*(REPO / "curate").rglob("*.py"), *(REPO / "pipelines").glob("*.yaml")]):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def settings(args: argparse.Namespace, urls: Path, out: Path, thresholds: dict[str, Any]) -> dict[str, list[str]]:
     """The --set overrides of each step: the first run's (calibrated), the re-selection's (clip_score.min_score
     at the median clip score) and the what-if's (aesthetic.min_score at the median aesthetic score)."""
@@ -158,6 +170,7 @@ def run_step(name: str, command: list[str], args: argparse.Namespace, server: Se
         result_file.unlink(missing_ok=True)
     print(f"\n[{name}] PYTHONPATH={REPO} {shlex.join(short(command))}", flush=True)
     waited, cores = wait_for_quiet(args.quiet_threshold, args.quiet_wait)
+    code = code_state()
     requests_before = server.requests()
     load_before, started_at = loadavg(), time.time()
     busy, served, own = busy_ticks(), proc_stat(server.process.pid)[2], sum(os.times()[:2])
@@ -168,10 +181,10 @@ def run_step(name: str, command: list[str], args: argparse.Namespace, server: Se
         sampler = TreeSampler(process.pid, interval=0.2, pss_every=10**9)  # RSS and CPU; PSS once
         sampler.start()
         try:
-            code = process.wait(timeout=args.timeout)
+            exit_code = process.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)  # only this step's process group
-            code = process.wait()
+            exit_code = process.wait()
         wall = time.perf_counter() - started
         deadline = time.monotonic() + 30  # Ray's daemons stop after the driver exits
         while sampler.alive() and time.monotonic() < deadline:
@@ -184,14 +197,15 @@ def run_step(name: str, command: list[str], args: argparse.Namespace, server: Se
     cpu, machine = sampler.cpu_seconds(), (busy_ticks() - busy) / TICKS
     server_cpu = (proc_stat(server.process.pid)[2] - served) / TICKS
     bench_cpu = sum(os.times()[:2]) - own
-    run = {"name": name, "exit_code": code, "process_s": round(wall, 2), "cpu_s": round(cpu, 1),
+    run = {"name": name, "exit_code": exit_code, "process_s": round(wall, 2), "cpu_s": round(cpu, 1),
            "server_cpu_s": round(server_cpu, 1),
            "other_cpu_s": round(max(0.0, machine - cpu - server_cpu - bench_cpu), 1),
            "peak_rss_mib": round(sampler.peak_rss / 2**20), "lingering_pids": lingering,
            "requests": server.requests() - requests_before, "waited_for_quiet_s": waited,
-           "other_cores_at_start": cores, "load_before": load_before, "started_at": started_at, "log": str(log)}
-    if code != 0 or (result_file is not None and not result_file.exists()):
-        raise RuntimeError(f"{name} failed (exit {code}); log {log}:\n{log.read_text(errors='replace')[-4000:]}")
+           "other_cores_at_start": cores, "load_before": load_before, "started_at": started_at, "log": str(log),
+           "code": code}
+    if exit_code != 0 or (result_file is not None and not result_file.exists()):
+        raise RuntimeError(f"{name} failed (exit {exit_code}); log {log}:\n{log.read_text(errors='replace')[-4000:]}")
     if result_file is not None:
         run.update(json.loads(result_file.read_text()))
         for key in ("work_s", "ray_start_s", "import_s", "compile_s", "process_inner_s"):
@@ -234,9 +248,10 @@ def check(condition: bool, message: str) -> None:
 
 
 def one_repeat(repeat: int, args: argparse.Namespace, server: Server, sets: dict[str, list[str]],
-               out: Path) -> dict[str, Any]:
+               out: Path, attempt: int = 0) -> dict[str, Any]:
     """First run, re-selection, what-if in process and as the CLI, on one fresh output folder."""
     shutil.rmtree(out, ignore_errors=True)
+    repeat = f"{repeat}-again{attempt}" if attempt else repeat
     runs = {"first": runner(f"first-{repeat}", "first", sets["first"], args, server)}
     check(runs["first"]["requests"] > 0, "the first run made no request")
     reselect = runs["reselect"] = runner(f"reselect-{repeat}", "reselect", sets["reselect"], args, server)
@@ -254,7 +269,7 @@ def one_repeat(repeat: int, args: argparse.Namespace, server: Server, sets: dict
     check(runs["whatif"]["kept"] == runs["whatif_cli"]["kept"],
           f"what-if in process kept {runs['whatif']['kept']}, the CLI {runs['whatif_cli']['kept']}")
     check(runs["whatif"]["current_kept"] == reselect["kept"], "the what-if's current output is not the re-selection's")
-    if repeat == 0:  # the what-if's prediction against a re-selection with its settings (not timed in the tables)
+    if str(repeat).startswith("0"):  # the what-if's prediction against a re-selection with its settings (untimed)
         truth = runner("whatif-check", "reselect", sets["whatif"], args, server)
         check(truth["kept"] == runs["whatif"]["kept"],
               f"the what-if said {runs['whatif']['kept']} kept, a re-selection kept {truth['kept']}")
@@ -344,16 +359,20 @@ def report(result: dict[str, Any]) -> str:
         phase_lines.append(f"| {phase} | {values[0]:.2f} | {values[1]:.2f} |")
     parts.append("\n".join(phase_lines))
     run_lines = ["| run | work s | Ray start s | process s | CPU s | other CPU s | peak RSS MiB | requests | kept | "
-                 "other cores at start (waited s) | load before |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for repeat in runs:
+                 "other cores at start (waited s) | load before | code |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for repeat in sorted(runs + result.get("disturbed", []), key=lambda rounds: rounds["first"]["started_at"]):
         for step in STEPS:
-            r = repeat[step]
+            r = dict(repeat[step])
+            if repeat in result.get("disturbed", []):
+                r["name"] += " (round disturbed: not in the medians)"
+            elif step in repeat.get("disturbed_steps", []):
+                r["name"] += " (disturbed, last attempt)"
             run_lines.append(f"| {r['name']} | {r['work_s']:.2f} | {r.get('ray_start_s', float('nan')):.1f} | "
                              f"{r['process_s']:.2f} | {r['cpu_s']:.1f} | {r['other_cpu_s']:.1f} | "
                              f"{r['peak_rss_mib']} | "
                              f"{r['requests']} | {r['kept']:,} | {r['other_cores_at_start']} "
-                             f"({r['waited_for_quiet_s']}) | {r['load_before']} |")
+                             f"({r['waited_for_quiet_s']}) | {r['load_before']} | {r.get('code', '')} |")
     parts.append("\n".join(run_lines))
     checked = runs[0].get("whatif_check")
     if checked:
@@ -377,6 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="SECONDS",
                         help="...but no longer than this (default 60)")
     parser.add_argument("--poll", type=float, default=0.15, help="the calibration run's folder polls (pool.py), s")
+    parser.add_argument("--retries", type=int, default=2, help="runs a round again (at most this many times) when "
+                        "other processes used more than --quiet-threshold cores on average during a step (default 2)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per step")
     parser.add_argument("--json", help="also write the raw numbers here (always: WORKDIR/results.json)")
     return parser.parse_args(argv)
@@ -399,7 +420,19 @@ def main(argv: list[str] | None = None) -> int:
         out = workdir / "out"
         result["settings"] = settings(args, urls, out, result["thresholds"])
         print(f"settings: {json.dumps(result['settings'])}", flush=True)
-        result["runs"] = [one_repeat(repeat, args, server, result["settings"], out) for repeat in range(args.repeats)]
+        result["runs"], result["disturbed"] = [], []
+        for repeat in range(args.repeats):
+            for attempt in range(args.retries + 1):
+                runs = one_repeat(repeat, args, server, result["settings"], out, attempt)
+                # other processes used more than --quiet-threshold cores on average during a step: run the round again
+                busy = [step for step in STEPS if runs[step]["other_cpu_s"] > args.quiet_threshold * runs[step][
+                    "process_s"]]
+                runs["disturbed_steps"] = busy
+                if not busy or attempt == args.retries:
+                    break
+                result["disturbed"].append(runs)
+                print(f"round {repeat} disturbed ({', '.join(busy)}): again", flush=True)
+            result["runs"].append(runs)
     finally:
         server.close()
     result.update(machine=f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "

@@ -41,8 +41,10 @@ Timed: `what_if(compile_plan(load_recipe(...)))` with `stages.clip_score.min_sco
 --what-if --set ...` as a subprocess (all included), `--repeats` times each, alternating; peak RSS of
 the process tree (benchmarks/measure.py, every 0.2 s) and the process's own peak (VmHWM); bytes read
 (/proc/PID/io rchar). Before each run it waits (at most `--quiet-wait` s) for the rest of the machine to
-use at most `--quiet-threshold` cores. With `--profile`, one more in-process run under `python -m
-cProfile` per size, and its top functions in the report. Raw numbers: WORKDIR/results.json.
+use at most `--quiet-threshold` cores, and a run during which they used more (on average) is run again,
+at most `--retries` times (the medians leave out the disturbed attempts). With `--profile`, one more
+in-process run under `python -m cProfile` per size, and its top functions in the report. Raw numbers:
+WORKDIR/results.json.
 
     .venv/bin/python benchmarks/whatif_scale.py --rows 100000,1000000 --repeats 3 --profile
     .venv/bin/python benchmarks/whatif_scale.py --rows 10000 --repeats 1                        # smoke
@@ -77,10 +79,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import TICKS, TreeSampler, busy_ticks, loadavg  # noqa: E402
 from pool import REPO, Server, image_set, median, tree_env, tree_state, wait_for_quiet  # noqa: E402
+from reselect import code_state  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 CURATE = Path(sys.executable).parent / "curate"  # the console script of this venv
-FORMAT_VERSION = 1  # bump when the synthetic pool changes: the cache is keyed by it
+FORMAT_VERSION = 2  # bump when the synthetic pool changes: the cache is keyed by it (2: markers' counters)
 
 RECIPE = """\
 name: whatif-scale
@@ -308,7 +311,8 @@ class PoolWriter:
         marker = {"stage": name, "shard": shard, "fingerprint": self.plan.fingerprints[name], "rows": table.num_rows,
                   "admission": stage.admission() or {}, "gate": self.criteria.get(name),
                   "alive_in": digests[0], "alive_out": digests[1], "annotated": annotated, "computed": annotated,
-                  "reused": 0, "reasons": reasons, "stats": stats.to_json(), "models": self.models.get(name, [])}
+                  "reused": 0, "reasons": reasons, "stats": stats.to_json(), "counters": {},
+                  "models": self.models.get(name, [])}
         phase = layout.annotation_phase(name)
         write_table(storage.location(str(layout.shard_file(phase, shard))), table)
         write_json(storage.location(str(layout.marker(phase, shard))), marker)
@@ -481,7 +485,7 @@ def probe(args: argparse.Namespace, recipe: Path) -> dict[str, Any]:
 
     workdir = Path(args.workdir)
     folder = workdir / "probe"
-    cache = folder / "probe.json"
+    cache = folder / f"probe-{code_state()}.json"  # the engine's format is checked again whenever its code changed
     if cache.exists():
         return json.loads(cache.read_text())
     folder.mkdir(parents=True, exist_ok=True)
@@ -649,7 +653,9 @@ def synthetic_pool(args: argparse.Namespace, recipe: Path, rows: int, found: dic
     from curate.files import read_json, write_json
 
     workdir = Path(args.workdir)
-    folder = workdir / f"pool-n{rows}-w{args.rows_per_work_shard}-seed{args.seed}"
+    dim = args.embedding_dim or found["embedding_dim"]
+    wider = f"-d{dim}" if dim != found["embedding_dim"] else ""
+    folder = workdir / f"pool-n{rows}-w{args.rows_per_work_shard}-seed{args.seed}{wider}"
     done = folder / "synthetic.json"
     if done.exists() and read_json(done).get("format") == FORMAT_VERSION:
         return read_json(done)
@@ -663,7 +669,7 @@ def synthetic_pool(args: argparse.Namespace, recipe: Path, rows: int, found: dic
     split = split_source(plan.source, plan.layout, args.rows_per_work_shard, scope=plan.record["trial"])
     write_json(record_file(plan.layout), plan.record)
     split_s = time.perf_counter() - started
-    values = Synthetic(rows, args.seed, found["embedding_model"], found["embedding_dim"])
+    values = Synthetic(rows, args.seed, found["embedding_model"], dim)
     writer = PoolWriter(plan, found["models"])
     start = 0
     kept_by_gate = 0
@@ -675,7 +681,8 @@ def synthetic_pool(args: argparse.Namespace, recipe: Path, rows: int, found: dic
         if shard % 100 == 99:
             print(f"  {start:,} rows written ({time.perf_counter() - started:.0f} s)", flush=True)
     assert start == rows, (start, rows)
-    summary = {"format": FORMAT_VERSION, "rows": rows, "shards": split["shards"], "out": str(out), "urls": str(urls),
+    summary = {"format": FORMAT_VERSION, "rows": rows, "shards": split["shards"], "embedding_dim": dim,
+               "out": str(out), "urls": str(urls),
                "fingerprints": plan.fingerprints, "duplicates": values.duplicates,
                "fetch_failures": int((values.failure >= 0).sum()), "past_gate": kept_by_gate,
                "split_s": round(split_s, 1), "build_s": round(time.perf_counter() - started, 1),
@@ -707,6 +714,7 @@ def run_measured(name: str, command: list[str], args: argparse.Namespace, result
         result_file.unlink(missing_ok=True)
     print(f"\n[{name}] {shlex.join([Path(command[0]).name, *command[1:]])}", flush=True)
     waited, cores = wait_for_quiet(args.quiet_threshold, args.quiet_wait)
+    code = code_state()
     load_before, busy, own = loadavg(), busy_ticks(), sum(os.times()[:2])
     with log.open("wb") as handle:
         started = time.perf_counter()
@@ -715,19 +723,19 @@ def run_measured(name: str, command: list[str], args: argparse.Namespace, result
         sampler = TreeSampler(process.pid, interval=0.2, pss_every=10**9)
         sampler.start()
         try:
-            code = process.wait(timeout=args.timeout)
+            exit_code = process.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)  # only this run's process group
-            code = process.wait()
+            exit_code = process.wait()
         wall = time.perf_counter() - started
         sampler.stop()
     cpu, machine = sampler.cpu_seconds(), (busy_ticks() - busy) / TICKS
-    run = {"name": name, "exit_code": code, "process_s": round(wall, 2), "cpu_s": round(cpu, 1),
+    run = {"name": name, "exit_code": exit_code, "process_s": round(wall, 2), "cpu_s": round(cpu, 1),
            "other_cpu_s": round(max(0.0, machine - cpu - (sum(os.times()[:2]) - own)), 1),
            "peak_rss_mib": round(sampler.peak_rss / 2**20), "waited_for_quiet_s": waited,
-           "other_cores_at_start": cores, "load_before": load_before, "log": str(log)}
-    if code != 0 or (result_file is not None and not result_file.exists()):
-        raise RuntimeError(f"{name} failed (exit {code}); log {log}:\n{log.read_text(errors='replace')[-4000:]}")
+           "other_cores_at_start": cores, "load_before": load_before, "log": str(log), "code": code}
+    if exit_code != 0 or (result_file is not None and not result_file.exists()):
+        raise RuntimeError(f"{name} failed (exit {exit_code}); log {log}:\n{log.read_text(errors='replace')[-4000:]}")
     if result_file is not None:
         found = json.loads(result_file.read_text())
         run.update({key: round(value, 3) if isinstance(value, float) else value for key, value in found.items()})
@@ -790,19 +798,25 @@ def report(result: dict[str, Any]) -> str:
         m = {key: median([r[key] for r in runs if key in r]) for key in ("work_s", "compile_s", "process_s",
                                                                          "peak_rss_mib", "vm_hwm_mib", "read_mb")}
         c = {key: median([r[key] for r in clis]) for key in ("process_s", "peak_rss_mib")}
-        lines.append(f"| {pool['rows']:,} ({pool['shards']:,}) | {pool['pool_mb']:,.0f} | **{m['work_s']:.1f}** | "
+        dim = pool.get("embedding_dim", result["probe"]["embedding_dim"])
+        wide = "" if dim == result["probe"]["embedding_dim"] else f", embeddings of {dim}"
+        lines.append(f"| {pool['rows']:,} ({pool['shards']:,}{wide}) | {pool['pool_mb']:,.0f} | "
+                     f"**{m['work_s']:.1f}** | "
                      f"{m['compile_s']:.1f} | {m['process_s']:.1f} | {pool['rows'] / m['work_s']:,.0f} | "
                      f"{m['peak_rss_mib']:,.0f}; {m['vm_hwm_mib']:,.0f} | {m['read_mb']:,.0f} | "
                      f"**{c['process_s']:.1f}** | {pool['rows'] / c['process_s']:,.0f} | {c['peak_rss_mib']:,.0f} | "
                      f"{runs[0]['kept']:,} |")
     parts = ["\n".join(lines)]
     runs_lines = ["| run | the call s | process s | CPU s | other CPU s | peak RSS MiB | other cores at start "
-                  "(waited s) | load before |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+                  "(waited s) | load before | code |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for size in sizes:
-        for run in sorted(size["in_process"] + size["cli"], key=lambda r: r["name"]):
-            runs_lines.append(f"| {run['name']} | {run['work_s']:.1f} | {run['process_s']:.1f} | {run['cpu_s']:.1f} | "
+        for run in sorted(size["in_process"] + size["cli"] + size.get("disturbed", []), key=lambda r: r["name"]):
+            flag = " (disturbed: not in the medians)" if run in size.get("disturbed", []) else (
+                " (disturbed, last attempt)" if run.get("disturbed") else "")
+            runs_lines.append(f"| {run['name']}{flag} | {run['work_s']:.1f} | {run['process_s']:.1f} | "
+                              f"{run['cpu_s']:.1f} | "
                               f"{run['other_cpu_s']:.1f} | {run['peak_rss_mib']:,} | {run['other_cores_at_start']} "
-                              f"({run['waited_for_quiet_s']}) | {run['load_before']} |")
+                              f"({run['waited_for_quiet_s']}) | {run['load_before']} | {run.get('code', '')} |")
     parts.append("\n".join(runs_lines))
     for size in sizes:
         if "profile" in size:
@@ -828,12 +842,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each kind per size, alternating; medians")
     parser.add_argument("--rows-per-work-shard", type=int, default=1000, help="(default 1000, the engine's)")
     parser.add_argument("--profile", action="store_true", help="one more in-process run per size under cProfile")
+    parser.add_argument("--embedding-dim", type=int, help="the embeddings' dimension (default: the tiny model's, "
+                        "as the probe finds it; e.g. 768 to see a real CLIP's table sizes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/curate-bench-whatif")
     parser.add_argument("--quiet-threshold", type=float, default=0.25, metavar="CORES",
                         help="before each run, wait until other processes use at most this many cores (default 0.25)")
     parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="SECONDS",
                         help="...but no longer than this (default 60)")
+    parser.add_argument("--retries", type=int, default=2, help="runs again (at most this many times) a run during "
+                        "which other processes used more than --quiet-threshold cores on average (default 2)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
     parser.add_argument("--json", help="also write the raw numbers here (always: WORKDIR/results.json)")
     return parser.parse_args(argv)
@@ -851,15 +869,24 @@ def main(argv: list[str] | None = None) -> int:
                               "change": CHANGE, "load_before": loadavg(), "sizes": []}
     for rows in [int(r) for r in args.rows.split(",") if r]:
         pool = synthetic_pool(args, recipe, rows, found)
-        size: dict[str, Any] = {"pool": pool, "in_process": [], "cli": []}
+        size: dict[str, Any] = {"pool": pool, "in_process": [], "cli": [], "disturbed": []}
         for repeat in range(args.repeats):
             order = ("in_process", "cli") if repeat % 2 == 0 else ("cli", "in_process")
             for kind in order:
-                name = f"{kind.replace('_', '-')}-n{rows}-{repeat}"
-                run = in_process(name, args, recipe, pool) if kind == "in_process" else cli(name, args, recipe, pool)
+                for attempt in range(args.retries + 1):
+                    name = f"{kind.replace('_', '-')}-n{rows}-{repeat}" + (f"-again{attempt}" if attempt else "")
+                    run = in_process(name, args, recipe, pool) if kind == "in_process" else cli(name, args, recipe,
+                                                                                                 pool)
+                    print(json.dumps({k: run.get(k) for k in ("work_s", "compile_s", "process_s", "peak_rss_mib",
+                                                              "vm_hwm_mib", "other_cpu_s", "kept", "rows_per_s")}),
+                          flush=True)
+                    # other processes used more than --quiet-threshold cores on average meanwhile: run it again
+                    run["disturbed"] = run["other_cpu_s"] > args.quiet_threshold * run["process_s"]
+                    if not run["disturbed"] or attempt == args.retries:
+                        break
+                    size["disturbed"].append(run)
+                    print(f"[{name}] disturbed ({run['other_cpu_s']} s of other processes' CPU): again", flush=True)
                 size[kind].append(run)
-                print(json.dumps({k: run.get(k) for k in ("work_s", "compile_s", "process_s", "peak_rss_mib",
-                                                          "vm_hwm_mib", "kept", "rows_per_s")}), flush=True)
         kept = {r["kept"] for r in size["in_process"] + size["cli"]}
         if len(kept) != 1:
             raise RuntimeError(f"the what-ifs disagree on the kept rows: {kept}")

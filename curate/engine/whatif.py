@@ -2,8 +2,8 @@
 output as it is. Nothing is fetched, computed or written: the selection runs over the pool's annotations in
 this process, its steps in a scratch folder deleted afterwards.
 
-A pool of more than IN_PROCESS_ROWS rows (or SELECT_IN_DRIVER_UP_TO work shards) spreads the
-selection over local Ray tasks; a smaller one selects in this process without starting Ray.
+The selection runs in this process, without Ray: spread over local Ray tasks it took as long on two
+cores at 1,000,000 rows, for twice the CPU time (BENCHMARKS.md, "Re-selection and what-if").
 
 What the annotations cannot tell is refused (WhatIfNeedsARun, naming each stage and why): a stage whose
 annotations were made with other settings or another model, a stage with none yet, fetch settings that
@@ -29,9 +29,6 @@ from curate.engine.select import NOT_ANNOTATED
 from curate.engine.split import INPUT_PHASE, SOURCE_STAGE
 from curate.files import RunLayout, read_json
 from curate.stage import CorpusStage, RecipeError, StageContext
-
-IN_PROCESS_ROWS = 200_000  # above, starting Ray (a few seconds) pays for itself on two cores
-
 
 class WhatIfNeedsARun(RecipeError):
     """The settings need annotations the pool does not hold."""
@@ -68,20 +65,14 @@ def what_if(plan: Any) -> dict[str, Any]:
         context = StageContext(recipe_dir=str(plan.loaded.directory), work_dir=str(scratch),
                                on_sample_error=plan.loaded.recipe.engine.on_sample_error)
         markers: dict[str, list[dict[str, Any]]] = {}
-        resources: dict[str, float] = {}
-        spread = shards > 1 and (shards > engine.SELECT_IN_DRIVER_UP_TO or split["stats"]["rows_in"] > IN_PROCESS_ROWS)
-        if spread:  # a large pool: the selection's shards spread over local Ray tasks, started once
-            from curate.engine import cluster
-
-            resources = cluster.connect("local")  # its scratch folder is on this machine
         for segment in segments:
             if segment.corpus is not None:
                 files = [str(view.shard_file(segment.input_segment, s)) for s in range(shards)]
                 _connect_if_needed(segment)
                 decide(segment.corpus.target, segment.corpus.params, context, files,
                        str(view.phase_dir(segment.name)))
-            markers[segment.name] = engine._select(trial, segment, shards, resources, context, lambda rows: None,
-                                                   in_driver=not spread)
+            markers[segment.name] = engine._select(trial, segment, shards, {}, context, lambda rows: None,
+                                                   in_driver=True)
         funnel = _funnel(plan, split["stats"], markers)
         output_rows = sum(m["rows_out"] for m in markers[segments[-1].name])
     finally:
