@@ -30,6 +30,7 @@ from curate.engine.split import INPUT_PHASE, SOURCE_STAGE
 from curate.files import RunLayout, read_json
 from curate.stage import CorpusStage, RecipeError, StageContext
 
+
 class WhatIfNeedsARun(RecipeError):
     """The settings need annotations the pool does not hold."""
 
