@@ -542,16 +542,9 @@ def _annotate(plan: Plan, group: AnnotationGroup, shards: int, resources: dict[s
     """Annotate, on each work shard, what the pool lacks for this group's stages (curate/engine/reuse.py): every
     row when no table was made under the stage's fingerprint, else only the rows the tables lack."""
     layout, recipe, places = plan.layout, plan.loaded.recipe, plan.places
-    objects = [next(s for s in plan.stages if s.name == spec.name) for spec in group.stages]
+    objects = _group_stages(plan, group)
     before = _stages_before(plan, group.stages[0].name)
-    upstream = before[-1].name if before else None
-    plans: dict[int, ShardPlan] = {}
-    for shard in range(shards):
-        expected = None
-        if upstream is not None:
-            _, marker = places.table(upstream, shard, plan.fingerprints[upstream])
-            expected = (marker or {}).get("alive_out", "(unknown)")
-        plans[shard] = plan_shard(places, objects, plan.fingerprints, group.gates, shard, expected, plan.redo)
+    plans = {shard: _shard_plan(plan, group, shard) for shard in range(shards)}
     pending = [shard for shard in range(shards) if plans[shard].pending]
     set_up: dict[str, int] = {}
     tables: dict[int, dict[str, Any]] = {}
@@ -599,19 +592,24 @@ def _annotate(plan: Plan, group: AnnotationGroup, shards: int, resources: dict[s
     return found
 
 
+def _group_stages(plan: Plan, group: AnnotationGroup) -> list[Stage]:
+    return [next(s for s in plan.stages if s.name == spec.name) for spec in group.stages]
+
+
+def _shard_plan(plan: Plan, group: AnnotationGroup, shard: int) -> ShardPlan:
+    """What annotating `group` on `shard` takes, as the pool's markers stand now (curate/engine/reuse.py)."""
+    before = _stages_before(plan, group.stages[0].name)
+    expected = None  # the first group sees every row
+    if before:
+        _, marker = plan.places.table(before[-1].name, shard, plan.fingerprints[before[-1].name])
+        expected = (marker or {}).get("alive_out", "(unknown)")
+    return plan_shard(plan.places, _group_stages(plan, group), plan.fingerprints, group.gates, shard, expected,
+                      plan.redo)
+
+
 def _annotation_pending(plan: Plan, shards: int) -> bool:
     """Whether any annotation group has work on any shard, as the pool's markers stand now."""
-    for group in plan.groups:
-        objects = [next(s for s in plan.stages if s.name == spec.name) for spec in group.stages]
-        before = _stages_before(plan, group.stages[0].name)
-        for shard in range(shards):
-            expected = None
-            if before:
-                _, marker = plan.places.table(before[-1].name, shard, plan.fingerprints[before[-1].name])
-                expected = (marker or {}).get("alive_out", "(unknown)")
-            if plan_shard(plan.places, objects, plan.fingerprints, group.gates, shard, expected, plan.redo).pending:
-                return True
-    return False
+    return any(_shard_plan(plan, group, shard).pending for group in plan.groups for shard in range(shards))
 
 
 def _forget_blocked(plan: Plan, group: AnnotationGroup, shards: int) -> None:
