@@ -39,8 +39,8 @@ naming the work shard.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
@@ -98,6 +98,18 @@ class StageContext:
     work_dir: str = ""
     on_sample_error: Literal["drop", "raise"] = "drop"
     device: str = "cpu"
+    # "stage.service" -> name of the Ray actor the engine started for it (Stage.services); empty outside Ray
+    services: dict[str, str] = field(default_factory=dict)
+    services_namespace: str | None = None
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A process that every worker of a run shares (one Ray actor, started by the engine before any worker and
+    stopped after the last): `target` is the import target of its class, `params` its keyword arguments."""
+
+    target: str
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 class Stage:
@@ -204,6 +216,21 @@ class Stage:
         made with (`before`): the engine computes those rows again and keeps the rest. Empty: nothing changed.
         None: the change is not one that only admits more: every row is computed again."""
         return frozenset() if before == self.admission() else None
+
+    def services(self) -> dict[str, ServiceSpec]:
+        """The run-wide services this stage's workers share (e.g. one politeness limiter for every fetch worker of
+        the run), by a name of the stage's choosing. The engine starts each once per run, on the driver's node."""
+        return {}
+
+    def service(self, name: str) -> Any:
+        """The Ray actor handle of this stage's service `name` in the current run, or None when the stage runs
+        outside a run that started it (in this process, in tests)."""
+        actor = self.context.services.get(f"{self.name}.{name}")
+        if actor is None:
+            return None
+        import ray
+
+        return ray.get_actor(actor, namespace=self.context.services_namespace)
 
     def teardown(self) -> None:
         """Release what `setup` acquired."""

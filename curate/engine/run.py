@@ -39,6 +39,7 @@ from curate.engine.reselect import (
 )
 from curate.engine.reuse import PoolPlaces, ReuseRecord, ShardPlan, plan_shard
 from curate.engine.select import SegmentShard, SegmentSpec, select_shard
+from curate.engine.services import run_services
 from curate.engine.split import INPUT_PHASE, SOURCE_STAGE, split_source
 from curate.engine.trial import TrialSource
 from curate.engine.worker import StageSpec
@@ -470,13 +471,14 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
         context = StageContext(recipe_dir=str(plan.loaded.directory), work_dir=str(layout.work),
                                on_sample_error=recipe.engine.on_sample_error, device=device["accelerator"])
         annotation_markers: dict[str, list[dict[str, Any]]] = {}
-        for group in plan.groups:
-            task = bars.add_task(group.name, total=source_stats["rows_out"])
-            phase_started = time.perf_counter()
-            annotation_markers[group.name] = _annotate(plan, group, shards, resources, device, context,
-                                                       lambda rows, task=task: bars.advance(task, rows))
-            _forget_blocked(plan, group, shards)
-            timings[group.name] = time.perf_counter() - phase_started
+        with run_services(plan.stages, enabled=not local) as (context.services, context.services_namespace):
+            for group in plan.groups:
+                task = bars.add_task(group.name, total=source_stats["rows_out"])
+                phase_started = time.perf_counter()
+                annotation_markers[group.name] = _annotate(plan, group, shards, resources, device, context,
+                                                           lambda rows, task=task: bars.advance(task, rows))
+                _forget_blocked(plan, group, shards)
+                timings[group.name] = time.perf_counter() - phase_started
         select_markers: dict[str, list[dict[str, Any]]] = {}
         decisions: dict[str, dict[str, Any]] = {}
         for segment in plan.segments:
