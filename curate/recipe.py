@@ -77,7 +77,9 @@ class EngineSpec(BaseModel):
     address: str | None = None  # Ray cluster address; None = local Ray (or RAY_ADDRESS)
     rows_per_work_shard: int = Field(1000, ge=1)
     batch_rows: int = Field(256, ge=1)  # rows a stage gets per call
-    workers: int | Literal["auto"] = "auto"
+    workers: int | Literal["auto"] = "auto"  # workers per pool (annotation groups run side by side)
+    # work shards between entering the first annotation group and leaving the last (auto: twice the workers)
+    max_shards_in_flight: int | Literal["auto"] = "auto"
     # drop: a sample whose processing raises is dropped (reason stage_error), unless the whole batch fails;
     # raise: any exception stops the run.
     on_sample_error: Literal["drop", "raise"] = "drop"
@@ -116,7 +118,7 @@ class TrialSpec(BaseModel):
 # Settings that change how a run executes but not what it produces: left out of the recipe hash,
 # so a run can be resumed with more workers, on a cluster, or from a moved output folder.
 EXECUTION_ONLY = {"output": ("path", "min_kept_fraction", "strict"),
-                  "engine": ("address", "workers", "keep_work", "keep_pool", "check_disk"),
+                  "engine": ("address", "workers", "max_shards_in_flight", "keep_work", "keep_pool", "check_disk"),
                   "storage": ("endpoint_url", "region")}
 
 

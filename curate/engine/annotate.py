@@ -14,6 +14,7 @@ now) run over every live row right after its annotation: rows failing them reach
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from curate import schema, storage
 from curate.engine.apply import StageStats, process_isolating_errors
@@ -64,6 +66,15 @@ class AnnotationTarget:
     previous_marker: dict | None = None  # the marker of `previous`
 
 
+def _where() -> dict[str, Any]:
+    """The node, GPUs and process this worker runs in (for the run's timeline)."""
+    where: dict[str, Any] = {"pid": os.getpid(), "node": None, "gpus": []}
+    if ray.is_initialized():
+        where["node"] = ray.get_runtime_context().get_node_id()
+        where["gpus"] = [str(gpu) for gpu in ray.get_gpu_ids()]
+    return where
+
+
 class AnnotateWorker:
     """Holds a group of stages, set up (models loaded) only once a row needs them, and annotates work shards."""
 
@@ -79,8 +90,9 @@ class AnnotateWorker:
 
     def run(self, group: str, shard: int, input_file: str, providers: list[Provider],
             targets: list[AnnotationTarget]) -> dict[str, Any]:
-        """Annotate work shard `shard`; return the group's marker (rows, seconds, per-stage statistics)."""
-        started = time.perf_counter()
+        """Annotate work shard `shard`; return the group's marker (rows, seconds, per-stage statistics, and where
+        and when it ran)."""
+        started, started_at = time.perf_counter(), time.time()
         stats = {stage.name: StageStats() for stage in self.stages}
         tallies = {stage.name: _Tally() for stage in self.stages}
         parts: dict[str, list[pa.Table]] = {stage.name: [] for stage in self.stages}
@@ -121,6 +133,7 @@ class AnnotateWorker:
                 write_json(storage.location(target.marker), marker)
             tables[stage.name] = {"written": not unchanged, "computed": tally.computed, "reused": tally.reused}
         return {"phase": group, "shard": shard, "rows_in": rows, "seconds": round(time.perf_counter() - started, 3),
+                "started_at": round(started_at, 3), "ended_at": round(time.time(), 3), **_where(),
                 "set_up": sorted(self.ready - set_up_before), "tables": tables,
                 "stages": {name: entry.to_json() for name, entry in stats.items()}}
 

@@ -83,6 +83,50 @@ def plan_workers(resources: dict[str, float], requested: int | str, shards: int,
                       memory_per_worker=memory_per_worker)
 
 
+@dataclass(frozen=True)
+class Demand:
+    """What one pool of a streamed run asks for: per worker (CPUs, GPUs, memory), and how many work shards it
+    may get (0: none, so no pool)."""
+
+    cpus: float
+    gpus: float = 0.0
+    memory: int = 0
+    shards: int = 1
+
+
+def plan_pools(resources: dict[str, float], requested: int | str, demands: list[Demand]) -> list[WorkerPlan]:
+    """Size pools that run side by side (a streamed run), one per demand.
+
+    Together they ask for at most 80% of the cluster's CPUs, shared in proportion to the CPUs a worker of each
+    declares. With "auto", a CPU pool gets as many workers as its share holds whole declared CPUs (at least
+    one); a pool that asks for GPUs, when the cluster has them, gets one worker per GPU share it asks for. A
+    number asks for that many workers per pool. Each worker then asks for its share of the pool's CPUs.
+    """
+    cpus = max(resources.get("CPU", 1.0), 0.1)
+    live = [d for d in demands if d.shards > 0]
+    total = sum(max(d.cpus, 0.05) for d in live) or 1.0
+    plans = []
+    for demand in demands:
+        if demand.shards <= 0:
+            plans.append(WorkerPlan(0, 0.0))
+            continue
+        share = cpus * 0.8 * max(demand.cpus, 0.05) / total
+        if requested != "auto":
+            workers = int(requested)
+        elif demand.gpus:
+            workers = math.floor(resources.get("GPU", 0) / demand.gpus)
+        else:
+            workers = math.floor(share / max(demand.cpus, 0.05) + 1e-9)
+        if demand.gpus:
+            workers = min(workers, math.floor(resources.get("GPU", 0) / demand.gpus))
+        if demand.memory:
+            workers = min(workers, math.floor(resources.get("memory", 0) / demand.memory))
+        workers = max(1, min(workers, demand.shards))
+        plans.append(WorkerPlan(workers=workers, cpus_per_worker=round(max(min(demand.cpus, share / workers), 0.05), 3),
+                                gpus_per_worker=demand.gpus, memory_per_worker=demand.memory))
+    return plans
+
+
 def faiss_backend() -> str:
     """Which FAISS is installed: 'gpu' (faiss-gpu with a visible GPU), 'cpu', or 'missing'.
 

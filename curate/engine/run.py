@@ -24,7 +24,7 @@ from curate.engine.decision import decide, decision_paths
 from curate.engine.disk import check_free_disk
 from curate.engine.lock import OutputLock, check_unlocked, is_lock_file, remove_all_but_lock
 from curate.engine.outcome import KeptTooLittle, low_yield
-from curate.engine.phases import run_actor_pool, run_tasks
+from curate.engine.phases import Step, run_pipeline, run_tasks
 from curate.engine.pool import REASON, Provider, forget_in_pool
 from curate.engine.progress import phase_progress
 from curate.engine.reselect import (
@@ -472,13 +472,8 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
                                on_sample_error=recipe.engine.on_sample_error, device=device["accelerator"])
         annotation_markers: dict[str, list[dict[str, Any]]] = {}
         with run_services(plan.stages, enabled=not local) as (context.services, context.services_namespace):
-            for group in plan.groups:
-                task = bars.add_task(group.name, total=source_stats["rows_out"])
-                phase_started = time.perf_counter()
-                annotation_markers[group.name] = _annotate(plan, group, shards, resources, device, context,
-                                                           lambda rows, task=task: bars.advance(task, rows))
-                _forget_blocked(plan, group, shards)
-                timings[group.name] = time.perf_counter() - phase_started
+            annotation_markers = _annotate(plan, shards, resources, device, context, bars, source_stats["rows_out"],
+                                           timings)
         select_markers: dict[str, list[dict[str, Any]]] = {}
         decisions: dict[str, dict[str, Any]] = {}
         for segment in plan.segments:
@@ -539,59 +534,152 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
     return manifest
 
 
-def _annotate(plan: Plan, group: AnnotationGroup, shards: int, resources: dict[str, float], device: dict[str, Any],
-              context: StageContext, on_progress: Any) -> list[dict[str, Any]]:
-    """Annotate, on each work shard, what the pool lacks for this group's stages (curate/engine/reuse.py): every
-    row when no table was made under the stage's fingerprint, else only the rows the tables lack."""
-    layout, recipe, places = plan.layout, plan.loaded.recipe, plan.places
-    objects = _group_stages(plan, group)
-    before = _stages_before(plan, group.stages[0].name)
-    plans = {shard: _shard_plan(plan, group, shard) for shard in range(shards)}
-    pending = [shard for shard in range(shards) if plans[shard].pending]
-    set_up: dict[str, int] = {}
-    tables: dict[int, dict[str, Any]] = {}
-    for shard in range(shards):
-        if shard not in pending:
-            _, marker = places.table(objects[0].name, shard, plan.fingerprints[objects[0].name])
-            on_progress(marker["rows"])
-    worker_plan = cluster.plan_workers(
-        resources, recipe.engine.workers, max(1, len(pending)),
-        cpus_per_worker=max(s.resources.cpus for s in objects),
-        gpus_per_worker=max(s.resources.gpus for s in objects) if device["gpus"] else 0.0,
-        memory_per_worker=sum(s.resources.memory_bytes for s in objects))
-    remote = ray.remote(AnnotateWorker).options(num_cpus=worker_plan.cpus_per_worker,
-                                                 num_gpus=worker_plan.gpus_per_worker,
-                                                 memory=worker_plan.memory_per_worker or None, max_restarts=0)
+def _annotate(plan: Plan, shards: int, resources: dict[str, float], device: dict[str, Any], context: StageContext,
+              bars: Any, rows: int, timings: dict[str, float]) -> dict[str, list[dict[str, Any]]]:
+    """Annotate, on each work shard, what the pool lacks for each group's stages (curate/engine/reuse.py): every
+    row when no table was made under the stage's fingerprint, else only the rows the tables lack.
+
+    The groups stream (curate/engine/phases.py run_pipeline): each has its own pool of workers, sized by what its
+    stages declare, and a work shard goes on to the next group as soon as one is done with it. Every finished
+    (group, shard) is appended to the work area's timeline.jsonl.
+    """
+    layout, recipe = plan.layout, plan.loaded.recipe
+    active = _groups_with_work(plan, shards)
+    demands = [cluster.Demand(
+        cpus=max(s.resources.cpus for s in _group_stages(plan, group)),
+        gpus=max(s.resources.gpus for s in _group_stages(plan, group)) if device["gpus"] else 0.0,
+        memory=sum(s.resources.memory_bytes for s in _group_stages(plan, group)),
+        shards=shards if on else 0) for group, on in zip(plan.groups, active)]
+    worker_plans = cluster.plan_pools(resources, recipe.engine.workers, demands)
     config = storage.current_config()
-
-    def submit(actor: Any, shard: int) -> Any:
-        return actor.run.remote(group.name, shard, places.input_file(shard), _providers(plan, before, shard),
-                                plans[shard].targets)
-
-    def on_marker(marker: dict[str, Any]) -> None:
-        on_progress(marker["rows_in"])
-        for name in marker.get("set_up", []):
-            set_up[name] = set_up.get(name, 0) + 1
-        tables[marker["shard"]] = marker.get("tables", {})
-        for spec in group.stages:
-            places.forget(spec.name, marker["shard"])
-        crash_if_asked(group.name, marker["shard"])
-
-    run_actor_pool(group.name, pending,
-                   lambda: remote.remote(group.stages, group.gates, context, recipe.engine.batch_rows, config),
-                   worker_plan.workers, submit, on_marker)
-    found = []
-    for shard in range(shards):
-        entry: dict[str, Any] = {"shard": shard, "computed": shard in pending, "stages": {}, "places": {},
-                                 "tables": tables.get(shard, {})}
-        for spec in group.stages:
-            where, marker = places.table(spec.name, shard, plan.fingerprints[spec.name])
-            entry["stages"][spec.name] = marker
-            entry["places"][spec.name] = "own" if where is layout else "other"
-        found.append(entry)
-    if found:
-        found[0]["set_up"] = set_up
+    timeline = _Timeline(layout.work / TIMELINE_FILE)
+    found: dict[str, list[dict[str, Any]]] = {}
+    owners = [_GroupStep(plan, group, context, config, timeline,
+                         lambda rows, task=bars.add_task(group.name, total=rows): bars.advance(task, rows))
+              for group in plan.groups]
+    steps = [owner.step(worker_plan) for owner, worker_plan in zip(owners, worker_plans)]
+    in_flight = recipe.engine.max_shards_in_flight
+    if in_flight == "auto":
+        in_flight = max(2, 2 * sum(p.workers for p in worker_plans))
+    gpu_steps = [i for i, p in enumerate(worker_plans) if p.gpus_per_worker and p.workers]
+    run_pipeline(steps, list(range(shards)), in_flight, before_others=_wait_until_placed, first=gpu_steps)
+    for group, owner in zip(plan.groups, owners):
+        found[group.name] = owner.collect(shards)
+        timings[group.name] = timeline.span(group.name)
     return found
+
+
+TIMELINE_FILE = "timeline.jsonl"
+PLACEMENT_WAIT = 120.0  # seconds to wait for GPU workers to be placed before starting the CPU pools
+
+
+def _wait_until_placed(actors: list[Any]) -> None:
+    """Wait (bounded) until the GPU stages' workers are placed, so the CPU pools cannot take the CPUs of the
+    nodes with GPUs first."""
+    try:
+        ray.get([actor.__ray_ready__.remote() for actor in actors], timeout=PLACEMENT_WAIT)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        pass  # the pipeline itself replaces or reports workers that never start
+
+
+def _groups_with_work(plan: Plan, shards: int) -> list[bool]:
+    """Per annotation group, whether it may have work in this run: it has some now, or a group before it has
+    (whose results may give it rows to annotate)."""
+    found, earlier = [], False
+    for group in plan.groups:
+        earlier = earlier or any(_shard_plan(plan, group, shard).pending for shard in range(shards))
+        found.append(earlier)
+    return found
+
+
+class _Timeline:
+    """The work area's per-shard timeline: one JSON line per (step, shard) done, with where and when it ran."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self.spans: dict[str, list[float]] = {}
+
+    def add(self, step: str, shard: int, marker: dict[str, Any]) -> None:
+        started, ended = marker.get("started_at"), marker.get("ended_at")
+        if started is None or ended is None:
+            return
+        entry = {"step": step, "shard": shard, "start": started, "end": ended, "rows": marker.get("rows_in"),
+                 "node": marker.get("node"), "gpus": marker.get("gpus"), "pid": marker.get("pid")}
+        with open(self.file, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        span = self.spans.setdefault(step, [started, ended])
+        span[0], span[1] = min(span[0], started), max(span[1], ended)
+
+    def span(self, step: str) -> float:
+        """Seconds from the first start to the last end of `step` in this run (0: it computed nothing)."""
+        started, ended = self.spans.get(step, (0.0, 0.0))
+        return round(ended - started, 3)
+
+
+class _GroupStep:
+    """One annotation group as a step of the streamed pipeline: what a shard needs, its workers, its bookkeeping."""
+
+    def __init__(self, plan: Plan, group: AnnotationGroup, context: StageContext, config: Any, timeline: _Timeline,
+                 on_progress: Any):
+        self.plan, self.group, self.context, self.config = plan, group, context, config
+        self.timeline, self.on_progress = timeline, on_progress
+        self.objects = _group_stages(plan, group)
+        self.before = _stages_before(plan, group.stages[0].name)
+        self.plans: dict[int, ShardPlan] = {}
+        self.computed: set[int] = set()
+        self.set_up: dict[str, int] = {}
+        self.tables: dict[int, dict[str, Any]] = {}
+
+    def step(self, worker_plan: cluster.WorkerPlan) -> Step:
+        remote = ray.remote(AnnotateWorker).options(num_cpus=worker_plan.cpus_per_worker,
+                                                     num_gpus=worker_plan.gpus_per_worker,
+                                                     memory=worker_plan.memory_per_worker or None, max_restarts=0)
+        recipe = self.plan.loaded.recipe
+        return Step(self.group.name,
+                    lambda: remote.remote(self.group.stages, self.group.gates, self.context, recipe.engine.batch_rows,
+                                          self.config),
+                    worker_plan.workers, self.submit, self.on_done, self.has_work, self.on_skip)
+
+    def has_work(self, shard: int) -> bool:
+        self.plans[shard] = _shard_plan(self.plan, self.group, shard)
+        return self.plans[shard].pending
+
+    def submit(self, actor: Any, shard: int) -> Any:
+        return actor.run.remote(self.group.name, shard, self.plan.places.input_file(shard),
+                                _providers(self.plan, self.before, shard), self.plans[shard].targets)
+
+    def on_skip(self, shard: int) -> None:
+        name = self.objects[0].name
+        _, marker = self.plan.places.table(name, shard, self.plan.fingerprints[name])
+        self.on_progress(marker["rows"])
+        _forget_blocked(self.plan, self.group, shard)
+
+    def on_done(self, shard: int, marker: dict[str, Any]) -> None:
+        self.on_progress(marker["rows_in"])
+        self.computed.add(shard)
+        for name in marker.get("set_up", []):
+            self.set_up[name] = self.set_up.get(name, 0) + 1
+        self.tables[shard] = marker.get("tables", {})
+        for spec in self.group.stages:
+            self.plan.places.forget(spec.name, shard)
+        _forget_blocked(self.plan, self.group, shard)
+        self.timeline.add(self.group.name, shard, marker)
+        crash_if_asked(self.group.name, shard)
+
+    def collect(self, shards: int) -> list[dict[str, Any]]:
+        """Per work shard: the group's stages' markers, where each table is, and whether this run computed it."""
+        found = []
+        for shard in range(shards):
+            entry: dict[str, Any] = {"shard": shard, "computed": shard in self.computed, "stages": {},
+                                     "places": {}, "tables": self.tables.get(shard, {})}
+            for spec in self.group.stages:
+                where, marker = self.plan.places.table(spec.name, shard, self.plan.fingerprints[spec.name])
+                entry["stages"][spec.name] = marker
+                entry["places"][spec.name] = "own" if where is self.plan.layout else "other"
+            found.append(entry)
+        if found:
+            found[0]["set_up"] = self.set_up
+        return found
 
 
 def _group_stages(plan: Plan, group: AnnotationGroup) -> list[Stage]:
@@ -614,25 +702,24 @@ def _annotation_pending(plan: Plan, shards: int) -> bool:
     return any(_shard_plan(plan, group, shard).pending for group in plan.groups for shard in range(shards))
 
 
-def _forget_blocked(plan: Plan, group: AnnotationGroup, shards: int) -> None:
-    """Blank, in every pool file written so far, the rows a stage of `group` hard-dropped and must not keep
-    (Stage.forgets_drops: a blocklist). Idempotent, so a resumed run does it again safely."""
+def _forget_blocked(plan: Plan, group: AnnotationGroup, shard: int) -> None:
+    """Blank, in every pool file of `shard` written so far, the rows a stage of `group` hard-dropped and must not
+    keep (Stage.forgets_drops: a blocklist). Idempotent, so a resumed run does it again safely."""
     names = {spec.name for spec in group.stages}
     forgetting = [s for s in plan.stages if s.name in names and s.forgets_drops()]
     if not forgetting:
         return
     written = _stages_before(plan, None)
     last = max(i for i, s in enumerate(written) if s.name in names)
-    for shard in range(shards):
-        keys: set[str] = set()
-        for stage in forgetting:
-            table = storage.read_table(plan.places.table_file(stage.name, shard, plan.fingerprints[stage.name]),
-                                       columns=["key", REASON])
-            keys |= {k for k, r in zip(*(table.column(c).to_pylist() for c in ("key", REASON))) if r is not None}
-        if keys:
-            files = [plan.places.input_file(shard)]
-            files += [plan.places.table_file(s.name, shard, plan.fingerprints[s.name]) for s in written[:last + 1]]
-            forget_in_pool([f for f in files if plan.places.is_own(f)], keys)  # another output's pool: read only
+    keys: set[str] = set()
+    for stage in forgetting:
+        table = storage.read_table(plan.places.table_file(stage.name, shard, plan.fingerprints[stage.name]),
+                                   columns=["key", REASON])
+        keys |= {k for k, r in zip(*(table.column(c).to_pylist() for c in ("key", REASON))) if r is not None}
+    if keys:
+        files = [plan.places.input_file(shard)]
+        files += [plan.places.table_file(s.name, shard, plan.fingerprints[s.name]) for s in written[:last + 1]]
+        forget_in_pool([f for f in files if plan.places.is_own(f)], keys)  # another output's pool: read only
 
 
 def _stages_before(plan: Plan, name: str | None) -> list[Stage]:
