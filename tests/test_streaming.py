@@ -122,3 +122,18 @@ def test_pools_share_the_cpus_and_gpu_pools_get_one_worker_per_gpu():
     # a number asks for that many workers per pool, their CPUs shared
     a, b = cluster.plan_pools({"CPU": 2.0}, 4, [cluster.Demand(cpus=1.0, shards=10)] * 2)
     assert a.workers == b.workers == 4 and 8 * a.cpus_per_worker <= 1.6 + 1e-9
+
+
+def test_a_phase_mixing_gpu_and_cpu_stages_is_split_so_cpu_stages_hold_no_gpu(tmp_path):
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"url": ["http://example.org/a.jpg"], "caption": ["a"]}), tmp_path / "urls.parquet")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("source: {type: url_list, path: urls.parquet}\n"
+                      "stages: {fetch: {}, nsfw: {}, faces: {}}\n"
+                      f"output: {{path: {tmp_path / 'out'}}}\n")
+    plan = compile_plan(load_recipe(recipe), require_weights=False)
+    groups = [(g.name, [s.name for s in g.stages]) for g in plan.groups]
+    assert groups == [("prepare", ["fetch"]), ("safety", ["nsfw"]), ("safety-cpu", ["faces"])]
+    stages = {s.name: s for s in plan.stages}
+    assert stages["nsfw"].resources.gpus > 0 and stages["faces"].resources.gpus == 0

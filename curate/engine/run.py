@@ -208,18 +208,25 @@ def _gates(loaded: LoadedRecipe, stages: list[Stage]) -> list[str]:
 
 
 def _annotation_groups(loaded: LoadedRecipe, stages: list[Stage], gates: list[str]) -> list[AnnotationGroup]:
-    """Consecutive per-sample stages of the same phase form a group (corpus-wide stages annotate nothing)."""
+    """Consecutive per-sample stages of the same phase and the same kind of worker (asking for GPUs or not) form a
+    group (corpus-wide stages annotate nothing). A phase whose stages differ in kind is split, the later parts
+    named `<phase>-gpu` / `<phase>-cpu`, so that a CPU stage never holds a GPU."""
     groups: list[AnnotationGroup] = []
+    kinds: list[tuple[str, bool]] = []
     for stage in stages:
         if stage.scope != "sample":
             stage.phase = stage.name
             continue
-        if not groups or groups[-1].name != stage.phase:
-            if any(g.name == stage.phase for g in groups):
+        kind = (stage.phase, stage.resources.gpus > 0)
+        if not kinds or kinds[-1] != kind:
+            same_phase = bool(kinds) and kinds[-1][0] == stage.phase
+            name = f"{stage.phase}-{'gpu' if kind[1] else 'cpu'}" if same_phase else stage.phase
+            if any(g.name == name for g in groups) or (not same_phase and any(k[0] == stage.phase for k in kinds)):
                 raise RecipeError(f"stage {stage.name!r} belongs to phase {stage.phase!r}, which an earlier "
                                   "stage of another phase already closed; reorder the stages",
                                   file=str(loaded.file), path=f"stages.{stage.name}")
-            groups.append(AnnotationGroup(stage.phase, []))
+            groups.append(AnnotationGroup(name, []))
+            kinds.append(kind)
         groups[-1].stages.append(_spec(stage))
         if stage.name in gates:
             groups[-1].gates.append(stage.name)
@@ -562,6 +569,10 @@ def _annotate(plan: Plan, shards: int, resources: dict[str, float], device: dict
     if in_flight == "auto":
         in_flight = max(2, 2 * sum(p.workers for p in worker_plans))
     gpu_steps = [i for i, p in enumerate(worker_plans) if p.gpus_per_worker and p.workers]
+    device["pools"] = {group.name: {"workers": p.workers, "cpus_per_worker": p.cpus_per_worker,
+                                    "gpus_per_worker": p.gpus_per_worker}
+                       for group, p in zip(plan.groups, worker_plans) if p.workers}
+    device["max_shards_in_flight"] = in_flight
     run_pipeline(steps, list(range(shards)), in_flight, before_others=_wait_until_placed, first=gpu_steps)
     for group, owner in zip(plan.groups, owners):
         found[group.name] = owner.collect(shards)

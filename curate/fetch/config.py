@@ -58,11 +58,13 @@ class FetchParams(Params):
     user_agent_token: str = "curate"  # robots.txt group "User-agent: curate" and X-Robots-Tag "curate: noai"
     allow_private_addresses: bool = False  # loopback / private / link-local / metadata hosts refused unless true
     resolve: dict[str, str] = {}  # host -> address pins (like curl --resolve); URLs and Host header unchanged
-    respect_robots: bool = True  # robots.txt of each origin fetched once and obeyed (RFC 9309)
-    host_concurrency: int = Field(8, ge=1, le=1024)  # requests in flight to one host, per worker process
-    host_rate: float | None = Field(10.0, gt=0)  # request starts per second to one host, per worker; null: no limit
+    # Politeness holds for the whole run, over all fetch workers and nodes (curate/fetch/politeness_service.py).
+    respect_robots: bool = True  # robots.txt of each origin fetched once per run and obeyed (RFC 9309)
+    host_concurrency: int = Field(8, ge=1, le=1024)  # requests in flight to one host, per run
+    # request starts per second to one host, per run (a token bucket of max(1, rate / 10) tokens); null: no limit
+    host_rate: float | None = Field(10.0, gt=0)
     host_max_failures: int = Field(8, ge=0)  # so many timeouts / connection errors in a row skip a host; 0: never
-    host_failure_cooldown: float = Field(300.0, ge=0)  # seconds a failing host is skipped
+    host_failure_cooldown: float = Field(300.0, ge=0)  # seconds a failing host is skipped (by every worker)
     dns_cache_ttl: float = Field(300.0, ge=0)  # seconds a resolved host name is reused
     host_cache_size: int = Field(10_000, ge=1)  # hosts remembered (DNS, robots.txt, politeness state)
     # An image that cannot be fetched: drop_sample drops its sample (reason of the first failing image);

@@ -24,8 +24,13 @@
 
 Each hop (the URL, then every redirect target) is checked in this order: URL syntax,
 resolution (cached) and the address guard, robots.txt of its origin (cached), then the
-request takes a slot of the host's politeness limiter (curate/fetch/politeness.py) and
-is sent to the checked address under its total deadline (curate/fetch/deadline.py).
+request takes a slot of the host's politeness limiter and is sent to the checked address
+under its total deadline (curate/fetch/deadline.py).
+
+Politeness and robots.txt hold for the whole run: given the run's politeness service
+(FetchStage.setup), every fetcher of the run shares its per-host limits and robots.txt answers
+(curate/fetch/politeness_client.py). Without it (a fetcher used on its own), they are this
+fetcher's own (curate/fetch/politeness.py, curate/fetch/cache.py).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from curate.fetch.cache import TtlCache
 from curate.fetch.config import FetchParams
 from curate.fetch.deadline import Watch, Watchdog
 from curate.fetch.politeness import HostLimiter, HostRefused
+from curate.fetch.politeness_client import SharedHostLimiter, SharedRobotsCache
 from curate.fetch.resolver import (
     InvalidHost,
     Resolution,
@@ -278,9 +284,12 @@ class HttpFetcher:
     Thread-safe: all threads of a fetcher share one urllib3 PoolManager (connections are
     reused per host), one DNS cache, one robots.txt cache and one per-host limiter.
     `lookup(host) -> [address, ...]` replaces the system resolver (tests use it).
+    `politeness`: the run's politeness service (a PolitenessService actor), whose per-host limits and
+    robots.txt answers every fetcher of the run shares; None: this fetcher keeps its own.
     """
 
-    def __init__(self, params: FetchParams, lookup: Callable[[str], list[str]] | None = None):
+    def __init__(self, params: FetchParams, lookup: Callable[[str], list[str]] | None = None,
+                 politeness: Any = None):
         self.params = params
         # The watchdog cannot cut a connect in progress (no socket yet), so connects are bounded here too.
         self._timeout = urllib3.Timeout(
@@ -299,15 +308,22 @@ class HttpFetcher:
         self._resolver = Resolver(
             params.resolve, params.dns_cache_ttl, params.host_cache_size, lookup or system_lookup
         )
-        self._limiter = HostLimiter(
-            params.host_concurrency,
-            params.host_rate,
-            params.max_retry_after,
-            params.host_max_failures,
-            params.host_failure_cooldown,
-            params.host_cache_size,
-        )
-        self._robots: TtlCache[tuple[str, str, int], robots.RobotsRules] = TtlCache(params.host_cache_size)
+        self._limiter: HostLimiter | SharedHostLimiter
+        self._robots: TtlCache[tuple[str, str, int], robots.RobotsRules] | SharedRobotsCache
+        if politeness is None:
+            self._limiter = HostLimiter(
+                params.host_concurrency,
+                params.host_rate,
+                params.max_retry_after,
+                params.host_max_failures,
+                params.host_failure_cooldown,
+                params.host_cache_size,
+            )
+            self._robots = TtlCache(params.host_cache_size)
+        else:
+            self._limiter = SharedHostLimiter(politeness, params.max_retry_after, params.host_max_failures,
+                                              params.host_cache_size)
+            self._robots = SharedRobotsCache(politeness, params.host_cache_size)
         self._watchdog = Watchdog()
         self._image_mode = _Mode(False, params.max_bytes, params.max_redirects, "image/*,*/*;q=0.8")
         self._executor: ThreadPoolExecutor | None = None
@@ -342,6 +358,7 @@ class HttpFetcher:
                 self._executor.shutdown(wait=True)
                 self._executor = None
         self._watchdog.close()
+        self._limiter.close()
         self._pool.clear()
 
     def __enter__(self) -> "HttpFetcher":
@@ -440,13 +457,19 @@ class HttpFetcher:
             try:
                 with self._limiter.slot(target.host):
                     outcome = self._attempt(target, mode)
+                    too_long = outcome.retry_after is not None and outcome.retry_after > params.max_retry_after
+                    delay = self._backoff(attempt, outcome.retry_after) if outcome.retryable else 0.0
+                    # Paused before the slot is given back, so no other request slips in between.
+                    if too_long:
+                        self._limiter.pause(target.host, outcome.retry_after)
+                    elif outcome.retryable and outcome.status in OVERLOAD_STATUSES:
+                        self._limiter.pause(target.host, delay)  # every request to the host waits, not just this URL
             except HostRefused as refused:
                 outcome = _Outcome(reason=refused.reason, detail=refused.detail)
                 break
             sent += 1
             self._limiter.record(target.host, failed=outcome.reason in HOST_FAILURES)
-            if outcome.retry_after is not None and outcome.retry_after > params.max_retry_after:
-                self._limiter.pause(target.host, outcome.retry_after)
+            if too_long:
                 outcome.reason, outcome.retryable = reasons.RATE_LIMITED, False
                 outcome.detail = (
                     f"HTTP {outcome.status} with Retry-After {outcome.retry_after:.0f} s "
@@ -455,9 +478,6 @@ class HttpFetcher:
                 break
             if not outcome.retryable:
                 break
-            delay = self._backoff(attempt, outcome.retry_after)
-            if outcome.status in OVERLOAD_STATUSES:
-                self._limiter.pause(target.host, delay)  # every request to the host waits, not just this URL
             if attempt == tries - 1:
                 break
             if outcome.status not in OVERLOAD_STATUSES:

@@ -1,4 +1,4 @@
-"""Per-host politeness shared by all threads of one fetcher: concurrency, rate, pauses, failing hosts.
+"""Per-host politeness of one fetcher process: concurrency, rate, pauses, failing hosts.
 
 Every request (robots.txt included) takes a slot of its host first:
 
@@ -11,6 +11,10 @@ Every request (robots.txt included) takes a slot of its host first:
   out (a body that never completes included) is skipped (`host_unreachable`) for
   `failure_cooldown` seconds, then given one more chance, so a dead or stuck host
   cannot hold the run.
+
+`HostLimiter` keeps these rules for the threads of one process: a fetcher used on its own (in this
+process, in tests). In a run on Ray, the fetch workers share one run-wide limiter instead
+(curate/fetch/politeness_client.py), with the same interface and rules, the rate as a token bucket.
 """
 
 from __future__ import annotations
@@ -23,6 +27,16 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from curate.fetch.reasons import HOST_UNREACHABLE, RATE_LIMITED
+
+
+def unreachable_detail(host: str, seconds: float, max_failures: int) -> str:
+    """Why a request to a failing host is refused (`seconds` left of its cooldown)."""
+    return f"{host} skipped for {seconds:.0f} s after {max_failures} requests in a row without an answer"
+
+
+def rate_limited_detail(host: str, seconds: float, max_wait: float) -> str:
+    """Why a request to a host paused for longer than `max_wait` is refused (`seconds` left of the pause)."""
+    return f"{host} asked to wait {seconds:.0f} s (max_retry_after {max_wait:g} s)"
 
 
 class HostRefused(Exception):
@@ -97,22 +111,19 @@ class HostLimiter:
                 state.failures = self.max_failures - 1  # after the cooldown, one more failure skips it again
                 self._changed.notify_all()
 
+    def close(self) -> None:
+        """Nothing to release (the run-wide limiter's counterpart sends what it still owes)."""
+
     def _acquire(self, host: str) -> None:
         with self._changed:
             while True:
                 state = self._state(host)
                 now = self._clock()
                 if state.skipped_until > now:
-                    raise HostRefused(
-                        HOST_UNREACHABLE,
-                        f"{host} skipped for {state.skipped_until - now:.0f} s after "
-                        f"{self.max_failures} requests in a row without an answer",
-                    )
+                    raise HostRefused(HOST_UNREACHABLE,
+                                      unreachable_detail(host, state.skipped_until - now, self.max_failures))
                 if state.paused_until - now > self.max_wait:
-                    raise HostRefused(
-                        RATE_LIMITED,
-                        f"{host} asked to wait {state.paused_until - now:.0f} s (max_retry_after {self.max_wait:g} s)",
-                    )
+                    raise HostRefused(RATE_LIMITED, rate_limited_detail(host, state.paused_until - now, self.max_wait))
                 ready = max(state.paused_until, state.next_start)
                 if ready <= now and state.active < self.concurrency:
                     state.active += 1

@@ -22,7 +22,9 @@ from curate.fetch.resolver import (
     system_lookup,
 )
 from curate.schema import SAMPLE_SCHEMA
-from curate.stage import Resources, Stage, StageContext, with_drops
+from curate.stage import Resources, ServiceSpec, Stage, StageContext, with_drops
+
+POLITENESS_SERVICE = "curate.fetch.politeness_service:PolitenessService"
 
 
 class _Failure(NamedTuple):
@@ -95,9 +97,25 @@ class FetchStage(Stage):
         """The drop reasons whose rows the current admission settings may now admit (None: they admit fewer)."""
         return readmitted(before, self.admission())
 
+    def services(self) -> dict[str, ServiceSpec]:
+        """One politeness service per run: per-host limits and robots.txt answers shared by every fetch worker."""
+        params = self.params
+        request = params.total_timeout + params.connect_timeout  # longest a request holds its slot
+        return {"politeness": ServiceSpec(POLITENESS_SERVICE, {
+            "concurrency": params.host_concurrency,
+            "rate": params.host_rate,
+            "max_wait": params.max_retry_after,
+            "max_failures": params.host_max_failures,
+            "failure_cooldown": params.host_failure_cooldown,
+            "max_hosts": params.host_cache_size,
+            "slot_lease": request + 60.0,  # a slot its worker never gave back (the worker died) is reclaimed then
+            # a robots.txt fetch not answered by then (its worker died, or it is that slow) is left to the next asker
+            "robots_claim_lease": (params.retries + 1) * request + params.max_retry_after,
+        })}
+
     def setup(self) -> None:
-        """Create the HTTP fetcher (its connection pool and worker threads)."""
-        self._fetcher = HttpFetcher(self.params)
+        """Create the HTTP fetcher (its connection pool and worker threads), sharing the run's politeness service."""
+        self._fetcher = HttpFetcher(self.params, politeness=self.service("politeness"))
 
     def teardown(self) -> None:
         """Close the HTTP fetcher."""
