@@ -110,6 +110,7 @@ class ServiceSpec:
 
     target: str
     params: dict[str, Any] = field(default_factory=dict)
+    max_concurrency: int | None = None  # calls the actor may hold at once (an async actor: Ray's default 1,000)
 
 
 class Stage:

@@ -37,8 +37,9 @@ def run_services(stages: list[Stage], enabled: bool = True) -> Iterator[tuple[di
         for key, spec in wanted.items():
             cls = registry.import_target(spec.target)
             name = f"curate-{key}-{token}"
+            options = {} if spec.max_concurrency is None else {"max_concurrency": spec.max_concurrency}
             actor = ray.remote(cls).options(name=name, namespace=namespace, num_cpus=0, max_restarts=0,
-                                             scheduling_strategy=here).remote(**spec.params)
+                                             scheduling_strategy=here, **options).remote(**spec.params)
             actors.append(actor)
             names[key] = name
         ray.get([actor.__ray_ready__.remote() for actor in actors])

@@ -40,6 +40,10 @@ class _Slot(NamedTuple):
     url: str | None
 
 
+# Calls the politeness service may hold at once: a worker holds at most one per host its threads wait for.
+SERVICE_CALLS = 20_000
+
+
 class FetchStage(Stage):
     """Fill `images[i].bytes` and `image_meta[i]` of every row from `image_meta[i].url`.
 
@@ -111,7 +115,7 @@ class FetchStage(Stage):
             "slot_lease": request + 60.0,  # a slot its worker never gave back (the worker died) is reclaimed then
             # a robots.txt fetch not answered by then (its worker died, or it is that slow) is left to the next asker
             "robots_claim_lease": (params.retries + 1) * request + params.max_retry_after,
-        })}
+        }, max_concurrency=SERVICE_CALLS)}
 
     def setup(self) -> None:
         """Create the HTTP fetcher (its connection pool and worker threads), sharing the run's politeness service."""
