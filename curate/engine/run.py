@@ -573,7 +573,10 @@ def _annotate(plan: Plan, shards: int, resources: dict[str, float], device: dict
                                     "gpus_per_worker": p.gpus_per_worker}
                        for group, p in zip(plan.groups, worker_plans) if p.workers}
     device["max_shards_in_flight"] = in_flight
-    run_pipeline(steps, list(range(shards)), in_flight, before_others=_wait_until_placed, first=gpu_steps)
+    try:
+        run_pipeline(steps, list(range(shards)), in_flight, before_others=_wait_until_placed, first=gpu_steps)
+    finally:
+        timeline.save()
     for group, owner in zip(plan.groups, owners):
         found[group.name] = owner.collect(shards)
         timings[group.name] = timeline.span(group.name)
@@ -604,10 +607,15 @@ def _groups_with_work(plan: Plan, shards: int) -> list[bool]:
 
 
 class _Timeline:
-    """The work area's per-shard timeline: one JSON line per (step, shard) done, with where and when it ran."""
+    """The work area's per-shard timeline: one JSON line per (step, shard) done, with where and when it ran.
 
-    def __init__(self, file: Path):
+    A local work area gets each line as it comes; an object store's, all of this run's lines at `save()` (objects
+    cannot be appended to)."""
+
+    def __init__(self, file: Any):
         self.file = file
+        self.local = isinstance(file, Path)
+        self.pending: list[str] = []
         self.spans: dict[str, list[float]] = {}
 
     def add(self, step: str, shard: int, marker: dict[str, Any]) -> None:
@@ -616,10 +624,22 @@ class _Timeline:
             return
         entry = {"step": step, "shard": shard, "start": started, "end": ended, "rows": marker.get("rows_in"),
                  "node": marker.get("node"), "gpus": marker.get("gpus"), "pid": marker.get("pid")}
-        with open(self.file, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        line = json.dumps(entry) + "\n"
+        if self.local:
+            with open(self.file, "a", encoding="utf-8") as handle:
+                handle.write(line)
+        else:
+            self.pending.append(line)
         span = self.spans.setdefault(step, [started, ended])
         span[0], span[1] = min(span[0], started), max(span[1], ended)
+
+    def save(self) -> None:
+        """Write the lines not written yet (an object store's work area), after those of earlier runs."""
+        if not self.pending:
+            return
+        earlier = self.file.read_text() if self.file.exists() else ""
+        self.file.write_text(earlier + "".join(self.pending))
+        self.pending = []
 
     def span(self, step: str) -> float:
         """Seconds from the first start to the last end of `step` in this run (0: it computed nothing)."""
