@@ -218,6 +218,11 @@ class Stage:
         None: the change is not one that only admits more: every row is computed again."""
         return frozenset() if before == self.admission() else None
 
+    def min_batch_rows(self) -> int:
+        """The fewest rows per batch that keep this stage busy (e.g. one per download thread and more); the
+        engine gives its group batches of at least so many rows, and of `engine.batch_rows` otherwise."""
+        return 1
+
     def services(self) -> dict[str, ServiceSpec]:
         """The run-wide services this stage's workers share (e.g. one politeness limiter for every fetch worker of
         the run), by a name of the stage's choosing. The engine starts each once per run, on the driver's node."""

@@ -364,8 +364,10 @@ def test_presets_put_the_safety_stages_in_their_own_phase_after_dedup(tmp_path):
                    tmp_path / "urls.parquet")
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     plan = compile_plan(load_recipe(tmp_path / "recipe.yaml"))
-    assert [g.name for g in plan.groups][-1] == "safety"
-    assert [s.name for s in plan.groups[-1].stages] == ["nsfw", "watermark", "faces"]
+    # nsfw and watermark ask for a GPU, faces does not: the phase is split so faces never holds one
+    assert [g.name for g in plan.groups][-2:] == ["safety", "safety-cpu"]
+    assert [s.name for s in plan.groups[-2].stages] == ["nsfw", "watermark"]
+    assert [s.name for s in plan.groups[-1].stages] == ["faces"]
     assert [s.name for s in plan.segments[-1].stages] == ["nsfw", "watermark", "faces", "roles"]  # demo's roles last
     resolved = plan.loaded.resolved()["stages"]
     assert resolved["nsfw"]["max_score"] == 0.3 and resolved["faces"]["blur"] is True

@@ -119,6 +119,14 @@ def test_pools_share_the_cpus_and_gpu_pools_get_one_worker_per_gpu():
     # a pool never gets more workers than it has work shards
     (few,) = cluster.plan_pools(resources, "auto", [cluster.Demand(cpus=1.0, shards=2)])
     assert few.workers == 2
+    # one GPU node: the GPU pool takes its worker there and leaves the CPU pools their worker count
+    fetch, model = cluster.plan_pools({"CPU": 2.0, "GPU": 1.0}, "auto", [
+        cluster.Demand(cpus=1.0, shards=20), cluster.Demand(cpus=1.0, gpus=1.0, shards=20)])
+    assert (fetch.workers, model.workers) == (2, 1)
+    assert fetch.workers * fetch.cpus_per_worker + model.cpus_per_worker <= 1.6 + 1e-9
+    # CPUs only: two CPU pools side by side split the workers
+    fetch, model = cluster.plan_pools({"CPU": 2.0}, "auto", [cluster.Demand(cpus=1.0, shards=20)] * 2)
+    assert (fetch.workers, model.workers) == (1, 1)
     # a number asks for that many workers per pool, their CPUs shared
     a, b = cluster.plan_pools({"CPU": 2.0}, 4, [cluster.Demand(cpus=1.0, shards=10)] * 2)
     assert a.workers == b.workers == 4 and 8 * a.cpus_per_worker <= 1.6 + 1e-9

@@ -98,31 +98,35 @@ def plan_pools(resources: dict[str, float], requested: int | str, demands: list[
     """Size pools that run side by side (a streamed run), one per demand.
 
     Together they ask for at most 80% of the cluster's CPUs, shared in proportion to the CPUs a worker of each
-    declares. With "auto", a CPU pool gets as many workers as its share holds whole declared CPUs (at least
-    one); a pool that asks for GPUs, when the cluster has them, gets one worker per GPU share it asks for. A
-    number asks for that many workers per pool. Each worker then asks for its share of the pool's CPUs.
+    declares. A pool that asks for GPUs, when the cluster has them, gets one worker per GPU share it asks for
+    ("auto"), placed on the GPU nodes. The CPU pools split the cluster's CPUs between them: with "auto", each
+    gets as many workers as its part holds whole declared CPUs (at least one). A number asks for that many
+    workers per pool. Each worker then asks for its share of its pool's CPUs.
     """
     cpus = max(resources.get("CPU", 1.0), 0.1)
+    gpus = resources.get("GPU", 0.0)
     live = [d for d in demands if d.shards > 0]
     total = sum(max(d.cpus, 0.05) for d in live) or 1.0
+    cpu_pools = sum(1 for d in live if not d.gpus) or 1
     plans = []
     for demand in demands:
         if demand.shards <= 0:
             plans.append(WorkerPlan(0, 0.0))
             continue
-        share = cpus * 0.8 * max(demand.cpus, 0.05) / total
+        declared = max(demand.cpus, 0.05)
+        share = cpus * 0.8 * declared / total
         if requested != "auto":
             workers = int(requested)
         elif demand.gpus:
-            workers = math.floor(resources.get("GPU", 0) / demand.gpus)
+            workers = math.floor(gpus / demand.gpus)
         else:
-            workers = math.floor(share / max(demand.cpus, 0.05) + 1e-9)
+            workers = math.floor(cpus / cpu_pools / declared + 1e-9)
         if demand.gpus:
-            workers = min(workers, math.floor(resources.get("GPU", 0) / demand.gpus))
+            workers = min(workers, math.floor(gpus / demand.gpus))
         if demand.memory:
             workers = min(workers, math.floor(resources.get("memory", 0) / demand.memory))
         workers = max(1, min(workers, demand.shards))
-        plans.append(WorkerPlan(workers=workers, cpus_per_worker=round(max(min(demand.cpus, share / workers), 0.05), 3),
+        plans.append(WorkerPlan(workers=workers, cpus_per_worker=round(max(min(declared, share / workers), 0.05), 3),
                                 gpus_per_worker=demand.gpus, memory_per_worker=demand.memory))
     return plans
 

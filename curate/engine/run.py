@@ -665,10 +665,9 @@ class _GroupStep:
         remote = ray.remote(AnnotateWorker).options(num_cpus=worker_plan.cpus_per_worker,
                                                      num_gpus=worker_plan.gpus_per_worker,
                                                      memory=worker_plan.memory_per_worker or None, max_restarts=0)
-        recipe = self.plan.loaded.recipe
+        batch_rows = max(self.plan.loaded.recipe.engine.batch_rows, *(s.min_batch_rows() for s in self.objects))
         return Step(self.group.name,
-                    lambda: remote.remote(self.group.stages, self.group.gates, self.context, recipe.engine.batch_rows,
-                                          self.config),
+                    lambda: remote.remote(self.group.stages, self.group.gates, self.context, batch_rows, self.config),
                     worker_plan.workers, self.submit, self.on_done, self.has_work, self.on_skip)
 
     def has_work(self, shard: int) -> bool:

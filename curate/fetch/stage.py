@@ -101,6 +101,10 @@ class FetchStage(Stage):
         """The drop reasons whose rows the current admission settings may now admit (None: they admit fewer)."""
         return readmitted(before, self.admission())
 
+    def min_batch_rows(self) -> int:
+        """Two rows per download thread: a batch is downloaded at once, so a smaller one leaves threads idle."""
+        return 2 * self.params.threads
+
     def services(self) -> dict[str, ServiceSpec]:
         """One politeness service per run: per-host limits and robots.txt answers shared by every fetch worker."""
         params = self.params
