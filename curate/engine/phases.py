@@ -179,7 +179,7 @@ class _WorkerPool:
 
     def start(self, shard: int, submit: Callable[[Any, int], Any]) -> None:
         """Give `shard` to an idle worker."""
-        actor = self.idle.pop()
+        actor = self.idle.pop(0)  # the longest idle first: the first shards go to the first workers started
         self.running[submit(actor, shard)] = (actor, shard)
 
     def refs(self) -> list[Any]:
