@@ -298,6 +298,9 @@ class CorpusStage(Stage):
 
     columns: ClassVar[tuple[str, ...]] = ("key",)
     scope: ClassVar[Literal["sample", "corpus"]] = "corpus"
+    # True when `decide_files` may spread its work over Ray tasks (the engine then starts Ray for it even in a
+    # re-selection that otherwise runs in one process)
+    uses_ray_tasks: ClassVar[bool] = False
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict]:
         """Return (drops: key/reason/detail table, summary for the manifest)."""

@@ -66,7 +66,7 @@ class PartitionPlan:
         return min(1.0, SAMPLE_PER_CLUSTER * self.clusters / max(1, self.rows))
 
 
-def normalized_embeddings(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def normalized_embeddings(path: str | storage.Location) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(keys, float32 unit vectors of the rows that have one, their row indices, models) of one work shard."""
     from curate.dedup.semantic import image_embeddings
 
@@ -83,7 +83,7 @@ def in_sample(keys: np.ndarray, fraction: float) -> np.ndarray:
     return np.fromiter((int(k[:8], 16) < cutoff for k in keys), dtype=bool, count=len(keys))
 
 
-def sample_shard(path: str, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def sample_shard(path: str | storage.Location, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(keys, vectors) of the shard's rows in the training sample."""
     keys, vectors, rows, _ = normalized_embeddings(path)
     chosen = in_sample(keys[rows], fraction)
@@ -101,8 +101,8 @@ def train_centroids(keys: np.ndarray, vectors: np.ndarray, plan: PartitionPlan) 
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
-def assign_shard(path: str, offset: int, centroids: np.ndarray, plan: PartitionPlan, out_dir: str,
-                 shard: int) -> tuple[int, np.ndarray, list[str]]:
+def assign_shard(path: str | storage.Location, offset: int, centroids: np.ndarray, plan: PartitionPlan,
+                 out_dir: str | storage.Location, shard: int) -> tuple[int, np.ndarray, list[str]]:
     """Split one work shard's vectors into per-group member and query files; return (shard, judged rows, models)."""
     _, vectors, rows, models = normalized_embeddings(path)
     probe = min(plan.probe, len(centroids))
@@ -117,7 +117,7 @@ def assign_shard(path: str, offset: int, centroids: np.ndarray, plan: PartitionP
     for group in range(plan.groups):
         members = np.flatnonzero(home % plan.groups == group)
         query_rows, query_slots = np.nonzero(nearest % plan.groups == group)
-        with storage.atomic_output(f"{out_dir}/shard{shard:05d}-group{group:04d}.npz") as target, \
+        with storage.atomic_output(group_file(out_dir, shard, group)) as target, \
                 open(target, "wb") as out:
             np.savez(out, member_ids=ids[members], member_clusters=home[members],
                      member_vectors=vectors[members].astype(np.float32),
@@ -126,7 +126,7 @@ def assign_shard(path: str, offset: int, centroids: np.ndarray, plan: PartitionP
     return shard, rows, models
 
 
-def search_group(files: list[str], threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def search_group(files: list[str | storage.Location], threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i < j, global ids) with cosine >= `threshold` among one group's clusters: (i, j, cosine)."""
     parts = [_load_npz(f) for f in files]
 
@@ -164,16 +164,20 @@ def search_group(files: list[str], threshold: float) -> tuple[np.ndarray, np.nda
     return pairs[close, 0], pairs[close, 1], cosine[close]
 
 
-def partitioned_pairs(files: list[str], threshold: float, cluster_rows: int, probe: int, work_dir: str,
-                      parallelism: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], list[str], str]:
+def partitioned_pairs(files: list[str | storage.Location], threshold: float, cluster_rows: int, probe: int,
+                      work_dir: str | storage.Location, parallelism: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], list[str], str]:
     """All pairs with cosine >= `threshold` found in probed clusters, over the rows of `files` in order.
 
     Runs the sample, assign and search steps as Ray tasks. Returns (i, j, cosine, judged
     rows per file, embedding models, index description); i and j are global row ids (file
-    offset + row).
+    offset + row). Plain path strings are resolved here, once: the tasks get `Path`s and
+    `StoragePath`s, which carry this process's storage settings (endpoint, region) with them,
+    so no task depends on the settings of the worker it lands on.
     """
     import ray
 
+    files = [storage.location(f) for f in files]
     counts = [storage.parquet_file(f).metadata.num_rows for f in files]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     rows = int(offsets[-1])
@@ -191,9 +195,9 @@ def partitioned_pairs(files: list[str], threshold: float, cluster_rows: int, pro
     del keys, vectors
     plan = PartitionPlan(rows=rows, clusters=len(centroids), probe=min(plan.probe, len(centroids)),
                          groups=min(plan.groups, len(centroids)), seed=plan.seed)
-    shuffle = f"{str(work_dir).rstrip('/')}/partitions"
-    if not storage.is_remote(shuffle):
-        Path(shuffle).mkdir(parents=True, exist_ok=True)
+    shuffle = storage.location(work_dir) / "partitions"
+    if isinstance(shuffle, Path):
+        shuffle.mkdir(parents=True, exist_ok=True)
     centroids_ref = ray.put(centroids)
     assign_task = ray.remote(assign_shard).options(num_cpus=1, max_retries=2)
     assigned = ray.get([assign_task.remote(f, int(offsets[s]), centroids_ref, plan, shuffle, s)
@@ -202,7 +206,7 @@ def partitioned_pairs(files: list[str], threshold: float, cluster_rows: int, pro
     models = sorted({m for _, _, names in assigned for m in names})
     search_task = ray.remote(search_group).options(num_cpus=1, max_retries=2)
     found = ray.get([
-        search_task.remote([f"{shuffle}/shard{s:05d}-group{g:04d}.npz" for s in range(len(files))], threshold)
+        search_task.remote([group_file(shuffle, s, g) for s in range(len(files))], threshold)
         for g in range(plan.groups)
     ])
     i = np.concatenate([f[0] for f in found])
@@ -213,7 +217,12 @@ def partitioned_pairs(files: list[str], threshold: float, cluster_rows: int, pro
     return i[first], j[first], cosine[first], judged, models, plan.describe()
 
 
-def _dimension(files: list[str]) -> int:
+def group_file(folder: str | storage.Location, shard: int, group: int) -> storage.Location:
+    """The shuffle file of one work shard's rows for one group of clusters."""
+    return storage.location(folder) / f"shard{shard:05d}-group{group:04d}.npz"
+
+
+def _dimension(files: list[storage.Location]) -> int:
     """The embedding size of the first row that has one (0 when none has)."""
     import pyarrow.compute as pc
 
@@ -228,7 +237,7 @@ def _dimension(files: list[str]) -> int:
     return 0
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
+def _load_npz(path: str | storage.Location) -> dict[str, np.ndarray]:
     """The arrays of an .npz written by assign_shard, from the local disk or the store."""
     with storage.open_input(path) as source:
         with np.load(io.BytesIO(source.read())) as data:

@@ -80,6 +80,7 @@ class DedupSemantic(CorpusStage):
     name = "dedup_semantic"
     Params = DedupSemanticParams
     columns = ("key", "image_meta", "scores", "embeddings", "meta")
+    uses_ray_tasks = True  # above partition_above rows: k-means partitions searched by Ray tasks
     reads = frozenset({"image_meta", "scores", "embeddings", "meta"})
     provides = frozenset({"meta"})  # meta.dedup.semantic.group of every group member
     reads_images = False

@@ -25,6 +25,14 @@ def decision_paths(phase_dir: storage.Location) -> tuple[storage.Location, stora
     return phase_dir / "decision.parquet", phase_dir / "decision.json"
 
 
+def needs_ray(target: str, phase_dir: str) -> bool:
+    """Whether deciding with the corpus stage `target` may start Ray tasks: it spreads its work over them
+    (CorpusStage.uses_ray_tasks) and no saved decision is there to reuse."""
+    cls = registry.import_target(target)
+    _, summary_file = decision_paths(storage.location(phase_dir))
+    return bool(getattr(cls, "uses_ray_tasks", False)) and not summary_file.exists()
+
+
 def decide(target: str, params: dict[str, Any], context: StageContext, files: list[str], phase_dir: str,
            storage_config: storage.StorageConfig | None = None) -> dict:
     """Run a corpus stage's `decide` over the given columns of all `files`; save and return its summary.

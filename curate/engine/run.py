@@ -20,7 +20,7 @@ from curate.engine.annotate import AnnotateWorker
 from curate.engine.apply import StageStats
 from curate.engine.clean import folder_bytes
 from curate.engine.crash import crash_if_asked
-from curate.engine.decision import decide, decision_paths
+from curate.engine.decision import decide, decision_paths, needs_ray
 from curate.engine.disk import check_free_disk
 from curate.engine.lock import OutputLock, check_unlocked, is_lock_file, remove_all_but_lock
 from curate.engine.outcome import KeptTooLittle, low_yield
@@ -488,6 +488,10 @@ def _execute(plan: Plan, console: Console, address: str | None, verbose: bool, o
             phase_started = time.perf_counter()
             if segment.corpus is not None:
                 worker_plan = _corpus_worker_plan(plan, segment, resources, device, shards)
+                if local and needs_ray(segment.corpus.target, str(layout.phase_dir(segment.name))):
+                    # a decision spread over Ray tasks (a large semantic dedup), in a re-selection without Ray
+                    cluster.connect(address or recipe.engine.address, verbose=verbose)
+                    device["ray"] = True
                 decisions[segment.corpus_stage] = _decide(segment, layout, shards, context, worker_plan, local)
                 crash_if_asked(f"decide-{segment.corpus_stage}", 0)
             select_markers[segment.name] = _select(plan, segment, shards, resources, context,

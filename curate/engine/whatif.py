@@ -22,13 +22,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from curate.engine.decision import decide, decision_paths
+import ray
+
+from curate.engine import cluster
+from curate.engine.decision import decide, decision_paths, needs_ray
 from curate.engine.reselect import check_pool, read_record
 from curate.engine.reuse import plan_shard
 from curate.engine.select import NOT_ANNOTATED
 from curate.engine.split import INPUT_PHASE, SOURCE_STAGE
 from curate.files import RunLayout, read_json
-from curate.stage import CorpusStage, RecipeError, StageContext
+from curate.stage import RecipeError, StageContext
 
 
 class WhatIfNeedsARun(RecipeError):
@@ -69,7 +72,8 @@ def what_if(plan: Any) -> dict[str, Any]:
         for segment in segments:
             if segment.corpus is not None:
                 files = [str(view.shard_file(segment.input_segment, s)) for s in range(shards)]
-                _connect_if_needed(segment)
+                if needs_ray(segment.corpus.target, str(view.phase_dir(segment.name))) and not ray.is_initialized():
+                    cluster.connect(None)  # a decision spread over Ray tasks (a large semantic dedup)
                 decide(segment.corpus.target, segment.corpus.params, context, files,
                        str(view.phase_dir(segment.name)))
             markers[segment.name] = engine._select(trial, segment, shards, {}, context, lambda rows: None,
@@ -118,20 +122,6 @@ def _rebased(segments: list[Any], view: RunLayout) -> list[Any]:
         decision = str(decision_paths(view.phase_dir(segment.name))[0]) if segment.corpus is not None else None
         rebased.append(replace(segment, decision=decision, unannotated="count"))
     return rebased
-
-
-def _connect_if_needed(segment: Any) -> None:
-    """A corpus stage that spreads its decision over Ray tasks (a large semantic dedup) needs Ray."""
-    from curate import registry
-
-    cls = registry.import_target(segment.corpus.target)
-    if cls.decide_files is not CorpusStage.decide_files:
-        import ray
-
-        if not ray.is_initialized():
-            from curate.engine import cluster
-
-            cluster.connect(None)
 
 
 def _funnel(plan: Any, source: dict[str, Any], markers: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
