@@ -241,3 +241,25 @@ def run_measured(name: str, command: list[str], env: dict[str, str], log: Path, 
         "bench_cpu_s": round(own_cpu, 1),
         "samples": sampler.samples, "load_before": load_before, "load_after": loadavg(), "log": str(log),
     }
+
+
+def finish_results(result: dict[str, Any], workdir: Path, started: float, report: Any,
+                   json_path: str | None = None) -> int:
+    """End a benchmark: record the machine, the load after and the time taken in `result`, print
+    `report(result)`, and write the raw numbers to WORKDIR/results.json (and `json_path`). Returns 0."""
+    import json
+    import platform
+
+    result.update(machine=f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+                          f"Python {platform.python_version()}",
+                  load_after=loadavg(), seconds=round(time.perf_counter() - started))
+    result["report"] = report(result)
+    print("\n" + result["report"])
+    print(f"\nmachine: {result['machine']}; load average before {result['load_before']}, after "
+          f"{result['load_after']}; {result['seconds']} s in all")
+    text = json.dumps(result, indent=1, default=str)
+    (workdir / "results.json").write_text(text)
+    if json_path:
+        Path(json_path).write_text(text)
+    print(f"raw numbers: {workdir / 'results.json'}")
+    return 0

@@ -57,7 +57,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -73,7 +72,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import TICKS, TreeSampler, busy_ticks, loadavg, proc_stat  # noqa: E402
+from measure import TICKS, TreeSampler, busy_ticks, finish_results, loadavg, proc_stat  # noqa: E402
 from photos import SOURCE_DIR, sources  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -763,19 +762,7 @@ def main(argv: list[str] | None = None) -> int:
         result["runs"] = run_all(args, urls, result["thresholds"], server.process.pid)
     finally:
         server.close()
-    result.update(machine=f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
-                          f"Python {platform.python_version()}",
-                  load_after=loadavg(), seconds=round(time.perf_counter() - started))
-    result["report"] = report(result)
-    print("\n" + result["report"])
-    print(f"\nmachine: {result['machine']}; load average before {result['load_before']}, after "
-          f"{result['load_after']}; {result['seconds']} s in all")
-    text = json.dumps(result, indent=1, default=str)
-    (workdir / "results.json").write_text(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    print(f"raw numbers: {workdir / 'results.json'}")
-    return 0
+    return finish_results(result, workdir, started, report, args.json)
 
 
 if __name__ == "__main__":

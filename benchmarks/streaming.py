@@ -71,7 +71,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -85,7 +84,7 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from measure import TICKS, loadavg, proc_stat, run_measured  # noqa: E402
+from measure import TICKS, finish_results, loadavg, proc_stat, run_measured  # noqa: E402
 from pool import REPO, Server, tree_env, tree_state, wait_for_quiet, write_url_list  # noqa: E402
 from standin_gpu import NAME as STANDIN  # noqa: E402
 from standin_gpu import TARGET as STANDIN_TARGET  # noqa: E402
@@ -472,19 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["runs"][which].append(run)
     finally:
         server.close()
-    result.update(machine=f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
-                          f"Python {platform.python_version()}",
-                  load_after=loadavg(), seconds=round(time.perf_counter() - started))
-    result["report"] = report(result)
-    print("\n" + result["report"])
-    print(f"\nmachine: {result['machine']}; load average before {result['load_before']}, after "
-          f"{result['load_after']}; {result['seconds']} s in all")
-    text = json.dumps(result, indent=1, default=str)
-    (workdir / "results.json").write_text(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    print(f"raw numbers: {workdir / 'results.json'}")
-    return 0
+    return finish_results(result, workdir, started, report, args.json)
 
 
 if __name__ == "__main__":

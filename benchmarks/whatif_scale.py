@@ -61,7 +61,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import pstats
 import re
 import shlex
@@ -77,7 +76,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import TICKS, TreeSampler, busy_ticks, loadavg  # noqa: E402
+from measure import TICKS, TreeSampler, busy_ticks, finish_results, loadavg  # noqa: E402
 from pool import REPO, Server, image_set, median, tree_env, tree_state, wait_for_quiet  # noqa: E402
 from reselect import code_state  # noqa: E402
 
@@ -895,19 +894,7 @@ def main(argv: list[str] | None = None) -> int:
             run = in_process(f"profile-n{rows}", args, recipe, pool, profile=profile)
             size["profile"] = {"file": str(profile), "run": run, "top": top_functions(profile)}
         result["sizes"].append(size)
-    result.update(machine=f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
-                          f"Python {platform.python_version()}",
-                  load_after=loadavg(), seconds=round(time.perf_counter() - started))
-    result["report"] = report(result)
-    print("\n" + result["report"])
-    print(f"\nmachine: {result['machine']}; load average before {result['load_before']}, after "
-          f"{result['load_after']}; {result['seconds']} s in all")
-    text = json.dumps(result, indent=1, default=str)
-    (workdir / "results.json").write_text(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    print(f"raw numbers: {workdir / 'results.json'}")
-    return 0
+    return finish_results(result, workdir, started, report, args.json)
 
 
 if __name__ == "__main__":

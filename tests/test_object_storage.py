@@ -10,9 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
+from moto_s3 import moto_bucket
 from rich.console import Console
 
 from curate import storage
@@ -44,42 +43,20 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "curate-test-key", "AWS_SECRET_ACCESS_KEY": SECR
            "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server on a loopback port, a bucket in it, and AWS credentials in the environment.
 
     Ray is (re)started after the credentials are set, so its workers inherit them as a node would.
     """
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {name: os.environ.get(name) for name in AWS_ENV}
-    os.environ.update(AWS_ENV)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    filesystem = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
-    filesystem.create_dir(BUCKET)
-    try:
-        yield endpoint, filesystem
-    finally:
-        ray.shutdown()
-        server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with moto_bucket(BUCKET, AWS_ENV) as (endpoint, filesystem):
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        try:
+            yield endpoint, filesystem
+        finally:
+            ray.shutdown()
 
 
 def s3_keys(filesystem: pafs.S3FileSystem, prefix: str) -> list[str]:

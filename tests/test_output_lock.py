@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import re
 import signal
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from moto_s3 import moto_bucket
 from PIL import Image
 
 from curate import storage
@@ -203,28 +203,8 @@ def test_an_export_is_refused_while_its_destination_is_being_written(tmp_path):
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server on a loopback port with a bucket, and AWS credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {name: os.environ.get(name) for name in AWS_ENV}
-    os.environ.update(AWS_ENV)
-    filesystem = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
-    filesystem.create_dir(BUCKET)
-    try:
+    with moto_bucket(BUCKET, AWS_ENV) as (endpoint, filesystem):
         yield endpoint, filesystem
-    finally:
-        server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @pytest.fixture

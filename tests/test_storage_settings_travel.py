@@ -10,14 +10,13 @@ the same near-duplicates as the same recipe on local folders.
 from __future__ import annotations
 
 import io
-import logging
 import os
-import socket
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
+from moto_s3 import moto_bucket
 from rich.console import Console
 
 from curate import storage
@@ -44,41 +43,18 @@ engine: {{rows_per_work_shard: 24}}
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_without_endpoint_in_env():
     """moto's S3 server on loopback, credentials in the environment, and a fresh Ray with no endpoint variable."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {name: os.environ.get(name) for name in (*AWS_ENV, *ENDPOINT_VARIABLES)}
-    os.environ.update(AWS_ENV)
-    for name in ENDPOINT_VARIABLES:  # the Ray workers started below must not inherit an endpoint
-        os.environ.pop(name, None)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    filesystem = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
-    filesystem.create_dir(BUCKET)
-    try:
-        yield endpoint, filesystem
-    finally:
-        ray.shutdown()
-        server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    # the Ray workers started below must not inherit an endpoint
+    with moto_bucket(BUCKET, AWS_ENV, unset=ENDPOINT_VARIABLES) as (endpoint, filesystem):
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        try:
+            yield endpoint, filesystem
+        finally:
+            ray.shutdown()
 
 
 def test_semantic_dedup_partitioned_on_s3_with_the_endpoint_only_in_the_recipe(s3_without_endpoint_in_env,

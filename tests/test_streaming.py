@@ -38,11 +38,9 @@ def _timeline(output) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def test_model_actors_run_on_the_gpu_node_while_fetch_streams_on(gpu_node_cluster, tmp_path):
-    local, gpu_node = gpu_node_cluster
-    web = build_synthetic_web(n_images=48, seed=5)
-    for route in web.routes.values():
-        route.delay = 0.2  # slow hosts: fetching takes long enough for the model to start on early shards
+def _fetch_and_score(tmp_path, web, engine: str, address: str | None = None) -> tuple[dict, object]:
+    """Run fetch + clip_score (tiny model, keeps everything) over `web` with `engine` settings (YAML flow
+    mapping entries); return the manifest and the output folder (its work area kept)."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "source: {type: url_list, path: urls.parquet}\n"
@@ -50,12 +48,21 @@ def test_model_actors_run_on_the_gpu_node_while_fetch_streams_on(gpu_node_cluste
         "  fetch: {allow_private_addresses: true, host_rate: null, threads: 2, backoff_base: 0.01}\n"
         "  clip_score: {model: {model: curate-tiny}, min_score: -1.0}\n"
         "output: {path: out, formats: [parquet]}\n"
-        "engine: {rows_per_work_shard: 4, keep_work: true}\n")
+        f"engine: {{keep_work: true, {engine}}}\n")
     output = tmp_path / "out"
     with LoopbackServer(web.routes) as server:
         write_url_list(web, server.base_url, tmp_path / "urls.parquet")
         manifest = execute(compile_plan(load_recipe(recipe, [f"output.path={output}"])),
-                           Console(file=io.StringIO()), address=local.address, progress=False)
+                           Console(file=io.StringIO()), address=address, progress=False)
+    return manifest, output
+
+
+def test_model_actors_run_on_the_gpu_node_while_fetch_streams_on(gpu_node_cluster, tmp_path):
+    local, gpu_node = gpu_node_cluster
+    web = build_synthetic_web(n_images=48, seed=5)
+    for route in web.routes.values():
+        route.delay = 0.2  # slow hosts: fetching takes long enough for the model to start on early shards
+    manifest, output = _fetch_and_score(tmp_path, web, "rows_per_work_shard: 4", address=local.address)
     assert manifest["reconciliation"]["ok"] and manifest["reconciliation"]["input_rows"] == 48
     timeline = _timeline(output)
     model = [e for e in timeline if e["step"] == "model"]
@@ -84,19 +91,7 @@ def test_backpressure_bounds_the_shards_in_flight(local_ray, tmp_path):
     """With max_shards_in_flight 2, no work shard starts fetching before the shard two before it left the model
     group."""
     web = build_synthetic_web(n_images=40, seed=6)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        "source: {type: url_list, path: urls.parquet}\n"
-        "stages:\n"
-        "  fetch: {allow_private_addresses: true, host_rate: null, threads: 2}\n"
-        "  clip_score: {model: {model: curate-tiny}, min_score: -1.0}\n"
-        "output: {path: out, formats: [parquet]}\n"
-        "engine: {rows_per_work_shard: 5, keep_work: true, max_shards_in_flight: 2}\n")
-    output = tmp_path / "out"
-    with LoopbackServer(web.routes) as server:
-        write_url_list(web, server.base_url, tmp_path / "urls.parquet")
-        manifest = execute(compile_plan(load_recipe(recipe, [f"output.path={output}"])),
-                           Console(file=io.StringIO()), progress=False)
+    manifest, output = _fetch_and_score(tmp_path, web, "rows_per_work_shard: 5, max_shards_in_flight: 2")
     assert manifest["reconciliation"]["ok"]
     timeline = _timeline(output)
     fetch_start = {e["shard"]: e["start"] for e in timeline if e["step"] == "prepare"}

@@ -118,20 +118,6 @@ class _Stream:
             self.pools.pop(index).stop()
 
 
-def run_actor_pool(
-    name: str,
-    pending: list[int],
-    new_actor: Callable[[], Any],
-    workers: int,
-    submit: Callable[[Any, int], Any],
-    on_marker: Callable[[dict[str, Any]], None],
-) -> None:
-    """Hand each pending work shard to the next free actor of a pool of `workers` actors made by `new_actor`
-    (a pipeline of one step); `on_marker` gets each finished shard's marker."""
-    run_pipeline([Step(name, new_actor, min(workers, max(1, len(pending))), submit,
-                       lambda shard, marker: on_marker(marker))], pending, len(pending))
-
-
 def run_tasks(
     name: str,
     items: list[Any],

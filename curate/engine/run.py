@@ -733,7 +733,7 @@ def _shard_plan(plan: Plan, group: AnnotationGroup, shard: int) -> ShardPlan:
 
 def _annotation_pending(plan: Plan, shards: int) -> bool:
     """Whether any annotation group has work on any shard, as the pool's markers stand now."""
-    return any(_shard_plan(plan, group, shard).pending for group in plan.groups for shard in range(shards))
+    return any(_groups_with_work(plan, shards))
 
 
 def _forget_blocked(plan: Plan, group: AnnotationGroup, shard: int) -> None:

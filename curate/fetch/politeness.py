@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from curate.fetch.host_table import HostTable
 from curate.fetch.reasons import HOST_UNREACHABLE, RATE_LIMITED
 
 
@@ -78,9 +78,8 @@ class HostLimiter:
         self.max_wait = max_wait
         self.max_failures = max_failures
         self.failure_cooldown = failure_cooldown
-        self.max_hosts = max(1, max_hosts)
         self._clock = clock
-        self._hosts: OrderedDict[str, _Host] = OrderedDict()
+        self._hosts = HostTable(max_hosts, _Host, lambda state: state.idle(self._clock()))
         self._changed = threading.Condition()
 
     @contextmanager
@@ -138,13 +137,4 @@ class HostLimiter:
 
     def _state(self, host: str) -> _Host:
         """The state of `host` (created if new); caller holds the lock."""
-        state = self._hosts.get(host)
-        if state is not None:
-            self._hosts.move_to_end(host)
-            return state
-        if len(self._hosts) >= self.max_hosts:
-            now = self._clock()
-            for name in [name for name, old in self._hosts.items() if old.idle(now)][: len(self._hosts) // 4 + 1]:
-                del self._hosts[name]
-        state = self._hosts[host] = _Host()
-        return state
+        return self._hosts.get(host)

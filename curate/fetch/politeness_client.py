@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator
 
 from curate.fetch.cache import TtlCache
+from curate.fetch.host_table import HostTable
 from curate.fetch.politeness import HostRefused, rate_limited_detail, unreachable_detail
 from curate.fetch.reasons import HOST_UNREACHABLE, RATE_LIMITED
 from curate.fetch.run_politeness import Grant
@@ -75,11 +75,10 @@ class SharedHostLimiter:
     ):
         self.max_wait = max_wait
         self.max_failures = max_failures
-        self.max_hosts = max(1, max_hosts)
         self._service = service
         self._get = get
         self._clock = clock
-        self._hosts: OrderedDict[str, _Host] = OrderedDict()
+        self._hosts = HostTable(max_hosts, _Host, lambda state: state.idle(self._clock()))
         self._changed = threading.Condition()
         self._ended: dict[str, _Ended] = {}
         self._ended_ready = threading.Condition()  # taken after _changed when both are needed
@@ -195,16 +194,7 @@ class SharedHostLimiter:
 
     def _state(self, host: str) -> _Host:
         """This worker's state of `host` (created if new); caller holds the lock."""
-        state = self._hosts.get(host)
-        if state is not None:
-            self._hosts.move_to_end(host)
-            return state
-        if len(self._hosts) >= self.max_hosts:
-            now = self._clock()
-            for name in [name for name, old in self._hosts.items() if old.idle(now)][: len(self._hosts) // 4 + 1]:
-                del self._hosts[name]
-        state = self._hosts[host] = _Host()
-        return state
+        return self._hosts.get(host)
 
 
 class SharedRobotsCache:

@@ -17,6 +17,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
+from curate.fetch.host_table import HostTable
 from curate.fetch.politeness import rate_limited_detail, unreachable_detail
 from curate.fetch.reasons import HOST_UNREACHABLE, RATE_LIMITED
 
@@ -83,10 +84,10 @@ class RunHostLimits:
         self.max_wait = max_wait
         self.max_failures = max_failures
         self.failure_cooldown = failure_cooldown
-        self.max_hosts = max(1, max_hosts)
         self.slot_lease = slot_lease
         self._clock = clock
-        self._hosts: OrderedDict[str, _Host] = OrderedDict()
+        self._hosts = HostTable(max_hosts, lambda: _Host(tokens=self.capacity, refilled=self._clock()),
+                                lambda state: self._refilled(state, self._clock()).idle(self._clock(), self.capacity))
 
     def take(self, host: str, wanted: int) -> Grant:
         """Up to `wanted` slots of `host` if politeness allows them now, else how long until it may."""
@@ -137,17 +138,7 @@ class RunHostLimits:
 
     def _state(self, host: str) -> _Host:
         """The state of `host` (created if new), its bucket brought up to date."""
-        now = self._clock()
-        state = self._hosts.get(host)
-        if state is None:
-            if len(self._hosts) >= self.max_hosts:
-                idle = [name for name, old in self._hosts.items() if self._refilled(old, now).idle(now, self.capacity)]
-                for name in idle[: len(self._hosts) // 4 + 1]:
-                    del self._hosts[name]
-            state = self._hosts[host] = _Host(tokens=self.capacity, refilled=now)
-            return state
-        self._hosts.move_to_end(host)
-        return self._refilled(state, now)
+        return self._refilled(self._hosts.get(host), self._clock())
 
     def _refilled(self, state: _Host, now: float) -> _Host:
         if self.rate:
